@@ -1,0 +1,308 @@
+"""The reference engine: a scheduler, a model and a KV cache manager, one `step()` at a time.
+
+    engine = build_engine("tiny", "vmem", memory_bytes=64 << 20)
+    engine.add_request(Request("r0", engine.tokenizer.encode("hello"), SamplingParams(max_tokens=8)))
+    while engine.has_work():
+        for out in engine.step(): ...
+
+One step:
+  1. schedule (admit / chunk / preempt, see scheduler.py), giving needs {slot: tokens to map};
+  2. cache.step(needs): make them writable in one native call (waits only for a prefetch in flight);
+  3. cache.prefetch(needs of step t+1 as far as known) so the mapping worker runs during the forward;
+  4. one forward per group of sequences fed the same number of tokens (all decodes share one);
+  5. sample where a sequence reached the end of its tokens; finish on length / EOS / stop string.
+Engine methods are not thread-safe: a server drives one engine from one thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+
+from vmem.engine.scheduler import Scheduler, SeqStatus, Sequence
+from vmem.errors import VmemInvalidArgument, VmemOutOfMemory
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0          # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] | None = None
+    ignore_eos: bool = False
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+class RequestOutput(NamedTuple):
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None         # "length" | "stop" | "abort" | "error"
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+class Engine:
+    def __init__(self, model, cache, *, max_num_batched_tokens: int = 512, prefill_chunk_tokens: int = 256,
+                 async_map: bool = True, tokenizer=None, seed: int = 0):
+        if max_num_batched_tokens < 1 or prefill_chunk_tokens < 1:
+            raise VmemInvalidArgument("max_num_batched_tokens and prefill_chunk_tokens must be >= 1")
+        self.model = model
+        self.cache = cache
+        self.async_map = async_map
+        self.tokenizer = tokenizer if tokenizer is not None else _default_tokenizer()
+        self.scheduler = Scheduler(cache, max_num_batched_tokens=max_num_batched_tokens,
+                                   prefill_chunk_tokens=prefill_chunk_tokens)
+        self._seqs: dict[str, Sequence] = {}
+        self._pending_outputs: list[RequestOutput] = []
+        self._seed_counter = itertools.count(seed * 1_000_003)
+        self._eos_id = getattr(self.tokenizer, "eos_id", None)
+        self.counters = defaultdict(float)     # steps, tokens, seconds spent where
+
+    # ------------------------------------------------------------ public API
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.cache.spec.max_seq_len
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or bool(self._pending_outputs)
+
+    def add_request(self, req: Request) -> None:
+        """Queue a request. Raises VmemInvalidArgument (and queues nothing) if it can never run."""
+        p = req.params
+        if req.request_id in self._seqs:
+            raise VmemInvalidArgument(f"request id {req.request_id!r} is already in the engine")
+        if not req.prompt_ids:
+            raise VmemInvalidArgument("prompt is empty")
+        if p.max_tokens < 1:
+            raise VmemInvalidArgument(f"max_tokens must be >= 1, got {p.max_tokens}")
+        if p.temperature < 0 or not 0 < p.top_p <= 1:
+            raise VmemInvalidArgument(f"need temperature >= 0 and 0 < top_p <= 1, got {p.temperature}, {p.top_p}")
+        total = len(req.prompt_ids) + p.max_tokens
+        if total > self.max_seq_len:
+            raise VmemInvalidArgument(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({p.max_tokens}) = "
+                                      f"{total} exceeds the cache's max_seq_len {self.max_seq_len}")
+        vocab = self.model.config.vocab_size
+        if min(req.prompt_ids) < 0 or max(req.prompt_ids) >= vocab:
+            raise VmemInvalidArgument(f"prompt token ids must be in [0, {vocab})")
+        seq = Sequence(req, list(req.prompt_ids), len(req.prompt_ids))
+        if p.temperature > 0:
+            seq.generator = torch.Generator().manual_seed(p.seed if p.seed is not None else next(self._seed_counter))
+        self._seqs[req.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        """Free the request's slot now; its final output (finish_reason "abort") comes with the next step."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return
+        self.scheduler.finish(seq, "abort")
+        self.counters["aborted"] += 1
+        self._pending_outputs.append(self._output(seq, []))
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending_outputs = self._pending_outputs, []
+        batch = self.scheduler.schedule()
+        for seq in batch.failed:
+            self._seqs.pop(seq.request_id, None)
+            self.counters["failed"] += 1
+            outputs.append(self._output(seq, []))
+        if not batch.seqs:
+            return outputs
+        t0 = time.perf_counter()
+        batch = self._map(batch, outputs)
+        t1 = time.perf_counter()
+        if not batch.seqs:
+            return outputs
+        if self.async_map:
+            self.cache.prefetch(self._next_needs(batch))
+        last_logits = self._forward(batch.seqs, batch.num_new_tokens)
+        t2 = time.perf_counter()
+        for seq, n, logits in zip(batch.seqs, batch.num_new_tokens, last_logits):
+            seq.num_cached_tokens += n
+            if logits is None:
+                continue                       # a prefill chunk that does not reach the end yet
+            token = self._sample(seq, logits)
+            seq.token_ids.append(token)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                self._seqs.pop(seq.request_id, None)
+                self.counters["finished"] += 1
+            outputs.append(self._output(seq, [token]))
+        c = self.counters
+        c["steps"] += 1
+        c["batched_tokens"] += sum(batch.num_new_tokens)
+        c["map_wait_s"] += t1 - t0
+        c["forward_s"] += t2 - t1
+        c["sample_s"] += time.perf_counter() - t2
+        return outputs
+
+    def stats(self) -> dict:
+        """Cache statistics plus scheduler counters (for /metrics and reports)."""
+        s = self.cache.stats()
+        out = dict(s._asdict()) if hasattr(s, "_asdict") else dict(vars(s))
+        out.update({"cache_kind": self.cache.kind, "num_running": self.num_running,
+                    "num_waiting": self.num_waiting, "num_preemptions": self.num_preemptions})
+        out.update({k: (int(v) if float(v).is_integer() else v) for k, v in self.counters.items()})
+        return out
+
+    def close(self) -> None:
+        for seq in list(self._seqs.values()):
+            self.scheduler.finish(seq, "abort")
+        self._seqs.clear()
+        self.cache.close()
+
+    # ------------------------------------------------------------ internals
+
+    def _map(self, batch, outputs: list[RequestOutput]):
+        """cache.step(needs); should it still run out of memory (the scheduler asked can_allocate, so
+        only if the cache's view moved), preempt the newest scheduled sequence and retry."""
+        while batch.seqs:
+            try:
+                self.cache.step(batch.needs)
+                return batch
+            except VmemOutOfMemory:
+                logger.warning("cache.step ran out of memory after admission; preempting the newest sequence")
+                seq = max(batch.seqs, key=self.scheduler.running.index)
+                keep = [i for i, s in enumerate(batch.seqs) if s is not seq]
+                if len(self.scheduler.running) == 1:
+                    self.scheduler.finish(seq, "error")
+                    self._seqs.pop(seq.request_id, None)
+                    outputs.append(self._output(seq, []))
+                else:
+                    self.scheduler.preempt(seq)
+                batch = batch._replace(seqs=[batch.seqs[i] for i in keep],
+                                       num_new_tokens=[batch.num_new_tokens[i] for i in keep],
+                                       needs={s.slot: batch.needs[s.slot] for s in (batch.seqs[i] for i in keep)})
+        return batch
+
+    def _next_needs(self, batch) -> dict[int, int]:
+        """What step t+1 will likely map: one more token past this step for every scheduled sequence."""
+        chunk = self.scheduler.prefill_chunk_tokens
+        needs = {}
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            after = seq.num_cached_tokens + n
+            remaining = len(seq.token_ids) - after
+            needs[seq.slot] = after + (min(remaining, chunk) if remaining > 0 else 1)
+        return needs
+
+    @torch.inference_mode()
+    def _forward(self, seqs: list[Sequence], counts: list[int]) -> list[torch.Tensor | None]:
+        """Run the model; returns, per sequence, logits [vocab] float32 of its last fed token if it
+        reached the end of its tokens (a token must be sampled), else None."""
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, n in enumerate(counts):
+            groups[n].append(i)
+        result: list[torch.Tensor | None] = [None] * len(seqs)
+        device = getattr(self.cache, "device", torch.device("cpu"))
+        for n, idx in groups.items():
+            ids = torch.tensor([seqs[i].token_ids[seqs[i].num_cached_tokens:seqs[i].num_cached_tokens + n]
+                                for i in idx], dtype=torch.int64, device=device)
+            slots = torch.tensor([seqs[i].slot for i in idx], dtype=torch.int32, device=device)
+            seqlens = torch.tensor([seqs[i].num_cached_tokens for i in idx], dtype=torch.int32, device=device)
+            logits = self.model.forward(ids, self.cache, slots, seqlens)     # [B, n, vocab]
+            for row, i in enumerate(idx):
+                if seqs[i].num_cached_tokens + n == len(seqs[i].token_ids):
+                    result[i] = logits[row, -1].float().cpu()
+        return result
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
+        p = seq.request.params
+        if p.temperature == 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits / p.temperature, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < p.top_p   # always keeps the top token
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+        return int(torch.multinomial(probs, 1, generator=seq.generator))
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.request.params
+        if not p.ignore_eos and self._eos_id is not None and token == self._eos_id:
+            return "stop"
+        if p.stop:
+            text = self.tokenizer.decode(seq.token_ids[seq.num_prompt_tokens:])
+            start = max(seq.stop_scan_from - max(len(s) for s in p.stop), 0)
+            if any(s and s in text[start:] for s in p.stop):
+                return "stop"
+            seq.stop_scan_from = len(text)
+        if seq.num_output_tokens >= p.max_tokens:
+            return "length"
+        return None
+
+    def _output(self, seq: Sequence, new_ids: list[int]) -> RequestOutput:
+        finished = seq.status is SeqStatus.FINISHED
+        return RequestOutput(seq.request_id, new_ids, finished, seq.finish_reason if finished else None,
+                             seq.num_prompt_tokens, seq.num_output_tokens)
+
+
+def _default_tokenizer():
+    from vmem.engine.tokenizer import ByteTokenizer
+    return ByteTokenizer()
+
+
+def build_engine(model: Any = "tiny", cache_kind: str = "vmem", *, memory_bytes: int | None = None,
+                 max_batch: int = 16, max_seq_len: int = 1024, backend: str = "auto",
+                 reclaim: str = "deferred", async_map: bool = True, seed: int = 0,
+                 page_bytes: int | None = None, max_num_batched_tokens: int = 512,
+                 prefill_chunk_tokens: int = 256, device: Any = None) -> Engine:
+    """A model (preset name, ModelConfig or Model) on a fresh cache of `cache_kind`, in one call.
+
+    memory_bytes: physical KV budget (None = enough for max_batch full-length sequences);
+    page_bytes: the vmem page size (None = the spec's default).
+    """
+    from vmem.allocator import KVCacheSpec, make_cache
+    model = _build_model(model, seed)
+    cfg = model.config
+    spec_kwargs = dict(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                       dtype=cfg.dtype, max_batch=max_batch, max_seq_len=max_seq_len)
+    if page_bytes is not None:
+        spec_kwargs["page_bytes"] = page_bytes
+    spec = KVCacheSpec(**spec_kwargs)
+    cache_kwargs = dict(memory_bytes=memory_bytes, backend=backend, device=device)
+    if cache_kind == "vmem":
+        cache_kwargs.update(reclaim=reclaim, async_map=async_map)
+    cache = make_cache(cache_kind, spec, **cache_kwargs)
+    return Engine(model, cache, max_num_batched_tokens=max_num_batched_tokens,
+                  prefill_chunk_tokens=prefill_chunk_tokens, async_map=async_map and cache_kind == "vmem",
+                  seed=seed)
+
+
+def _build_model(model: Any, seed: int):
+    from vmem.engine import model as model_mod
+    if isinstance(model, str):
+        return model_mod.Model(model_mod.ModelConfig.preset(model, seed=seed))
+    if isinstance(model, model_mod.ModelConfig):
+        return model_mod.Model(model)
+    return model
