@@ -1,0 +1,307 @@
+"""The engine thread behind the HTTP server, and the server's Prometheus metrics.
+
+Engine methods are not thread-safe, so one background thread owns the engine: it drains a
+thread-safe inbox of adds and aborts, runs ``engine.step()``, and hands each ``RequestOutput`` to
+the sink the request was submitted with (the server's sink hops onto the asyncio loop with
+``loop.call_soon_threadsafe``). Everything else reads snapshots the thread publishes.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
+
+Sink = Callable[[Any], None]   # receives a RequestOutput, or an exception if the request failed
+
+
+class EngineLoop:
+    """Runs ``engine`` on one background thread.
+
+    ``submit(request, sink)`` and ``abort(request_id)`` may be called from any thread; both
+    return at once. ``sink`` is called on the engine thread with every ``RequestOutput`` of the
+    request, or once with an exception (``VmemInvalidArgument`` from ``add_request``, or whatever
+    broke a step). After a finished output, an exception or an abort, the sink is never called again.
+    """
+
+    def __init__(self, engine, *, stats_interval_s: float = 0.05, idle_wait_s: float = 0.5):
+        self.engine = engine
+        self._stats_interval_s = stats_interval_s
+        self._idle_wait_s = idle_wait_s
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._inbox: deque = deque()          # ("add", request, sink) | ("abort", request_id)
+        self._num_inbox_adds = 0
+        self._sinks: dict[str, Sink] = {}     # engine thread only
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None   # set if the loop itself died
+        # Snapshots published by the engine thread (plain attribute stores; readers never block it).
+        self.num_running = 0
+        self.num_waiting = 0
+        self.num_steps = 0
+        self.stats: dict = {}
+        self.idle_stats: dict = {}
+
+    # -- any thread ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._refresh_stats()
+        self.idle_stats = self.stats
+        self._thread = threading.Thread(target=self._run, name="vmem-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Abort everything still in flight and join the thread."""
+        self._stop.set()
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    @property
+    def num_queued(self) -> int:
+        """Requests not yet running: waiting in the engine plus not yet handed to it."""
+        return self.num_waiting + self._num_inbox_adds
+
+    def submit(self, request, sink: Sink) -> None:
+        with self._lock:
+            self._inbox.append(("add", request, sink))
+            self._num_inbox_adds += 1
+        self._wakeup.set()
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._inbox.append(("abort", request_id))
+        self._wakeup.set()
+
+    # -- engine thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        last_stats = 0.0
+        try:
+            while not self._stop.is_set():
+                self._drain()
+                if self.engine.has_work():
+                    self._step()
+                    now = time.monotonic()
+                    if now - last_stats >= self._stats_interval_s:
+                        self._refresh_stats()
+                        last_stats = now
+                    continue
+                self._refresh_stats()
+                self._wakeup.wait(self._idle_wait_s)
+                self._wakeup.clear()
+        except BaseException as exc:  # the loop must report, not vanish
+            logger.exception("engine loop died")
+            self.error = exc
+            self._fail_all(exc)
+        finally:
+            self._shutdown()
+
+    def _drain(self) -> None:
+        with self._lock:
+            ops = list(self._inbox)
+            self._inbox.clear()
+            self._wakeup.clear()
+        for op in ops:
+            if op[0] == "add":
+                _, request, sink = op
+                with self._lock:
+                    self._num_inbox_adds -= 1
+                try:
+                    self.engine.add_request(request)
+                except Exception as exc:   # VmemInvalidArgument: the prompt can never fit
+                    _deliver(sink, exc)
+                    continue
+                self._sinks[request.request_id] = sink
+            else:
+                if self._sinks.pop(op[1], None) is not None:
+                    self.engine.abort(op[1])
+        self.num_waiting = self.engine.num_waiting
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            # A step that raises leaves no request we can vouch for: fail them all, keep serving.
+            logger.exception("engine step failed; failing %d requests", len(self._sinks))
+            self._fail_all(exc)
+            return
+        self.num_steps += 1
+        for out in outputs:
+            sink = self._sinks.get(out.request_id)
+            if sink is None:
+                continue
+            if out.finished:
+                del self._sinks[out.request_id]
+            _deliver(sink, out)
+        self.num_running = self.engine.num_running
+        self.num_waiting = self.engine.num_waiting
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for request_id, sink in list(self._sinks.items()):
+            try:
+                self.engine.abort(request_id)
+            except Exception:
+                logger.exception("abort of %s failed", request_id)
+            _deliver(sink, exc)
+        self._sinks.clear()
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            ops = list(self._inbox)
+            self._inbox.clear()
+            self._num_inbox_adds = 0
+        for op in ops:
+            if op[0] == "add":
+                _deliver(op[2], RuntimeError("server is shutting down"))
+        for request_id, sink in list(self._sinks.items()):
+            try:
+                self.engine.abort(request_id)
+            except Exception:
+                logger.exception("abort of %s failed", request_id)
+            _deliver(sink, RuntimeError("server is shutting down"))
+        self._sinks.clear()
+        self._refresh_stats()
+
+    def _refresh_stats(self) -> None:
+        try:
+            stats = dict(self.engine.stats())
+        except Exception:
+            logger.exception("engine.stats() failed")
+            return
+        self.num_running = self.engine.num_running
+        self.num_waiting = self.engine.num_waiting
+        self.stats = stats
+
+
+def _deliver(sink: Sink, item: Any) -> None:
+    try:
+        sink(item)
+    except RuntimeError:   # the event loop is closed: nobody is listening any more
+        logger.debug("dropped an output for a closed loop")
+
+
+# ---------------------------------------------------------------------------------------------
+# Prometheus metrics
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Histogram:
+    """A cumulative Prometheus histogram (seconds)."""
+
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS_S):
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)   # last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+                break
+        else:
+            self.counts[-1] += 1
+        self.sum += value
+        self.count += 1
+
+    def render(self, name: str, help_: str) -> list[str]:
+        lines = ["# HELP %s %s" % (name, help_), "# TYPE %s histogram" % name]
+        cumulative = 0
+        for bound, n in zip(self.buckets + (math.inf,), self.counts):
+            cumulative += n
+            le = "+Inf" if bound == math.inf else repr(float(bound))
+            lines.append('%s_bucket{le="%s"} %d' % (name, le, cumulative))
+        lines.append("%s_sum %r" % (name, float(self.sum)))
+        lines.append("%s_count %d" % (name, self.count))
+        return lines
+
+
+_KV_STATES = ("total", "used", "mapped", "reclaimable", "free")   # CacheStats: <state>_pages, <state>_bytes
+
+
+def _find(stats: dict, key: str):
+    value = stats.get(key)
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+class ServerMetrics:
+    """Counters and histograms kept by the server (touched only on the asyncio loop)."""
+
+    def __init__(self):
+        self.finished: dict[str, int] = {}
+        self.rejected: dict[int, int] = {}
+        self.num_prompt_tokens = 0
+        self.num_output_tokens = 0
+        self.ttft = Histogram()
+        self.e2e = Histogram()
+
+    def on_finish(self, reason: str, num_prompt_tokens: int, num_output_tokens: int,
+                  ttft_s: float | None, e2e_s: float) -> None:
+        self.finished[reason] = self.finished.get(reason, 0) + 1
+        self.num_prompt_tokens += num_prompt_tokens
+        self.num_output_tokens += num_output_tokens
+        if ttft_s is not None:
+            self.ttft.observe(ttft_s)
+        self.e2e.observe(e2e_s)
+
+    def on_reject(self, status_code: int) -> None:
+        self.rejected[status_code] = self.rejected.get(status_code, 0) + 1
+
+    def render(self, loop: EngineLoop) -> str:
+        stats = loop.stats
+        out: list[str] = []
+
+        def gauge(name, help_, samples, kind="gauge"):
+            samples = [(labels, v) for labels, v in samples if v is not None]
+            if not samples:
+                return
+            out.append("# HELP %s %s" % (name, help_))
+            out.append("# TYPE %s %s" % (name, kind))
+            for labels, value in samples:
+                label_s = "{%s}" % ",".join('%s="%s"' % kv for kv in labels) if labels else ""
+                out.append("%s%s %s" % (name, label_s, _num(value)))
+
+        for unit in ("pages", "bytes"):
+            gauge("vmem_kv_%s" % unit, "KV cache %s by state" % unit,
+                  [((("state", s),), _find(stats, "%s_%s" % (s, unit))) for s in _KV_STATES])
+        gauge("vmem_requests_running", "Requests running in the engine", [((), loop.num_running)])
+        gauge("vmem_requests_waiting", "Requests queued, not yet running", [((), loop.num_queued)])
+        gauge("vmem_preemptions_total", "Requests preempted (recomputed) by the engine",
+              [((), _find(stats, "num_preemptions"))], "counter")
+        gauge("vmem_engine_steps_total", "Engine steps run", [((), loop.num_steps)], "counter")
+        gauge("vmem_engine_up", "1 while the engine thread runs", [((), int(loop.alive))])
+        gauge("vmem_requests_finished_total", "Requests finished, by reason",
+              [((("reason", r),), n) for r, n in sorted(self.finished.items())], "counter")
+        gauge("vmem_requests_rejected_total", "Requests refused, by HTTP status",
+              [((("status", str(c)),), n) for c, n in sorted(self.rejected.items())], "counter")
+        gauge("vmem_prompt_tokens_total", "Prompt tokens of finished requests",
+              [((), self.num_prompt_tokens)], "counter")
+        gauge("vmem_generation_tokens_total", "Output tokens of finished requests",
+              [((), self.num_output_tokens)], "counter")
+        out += self.ttft.render("vmem_time_to_first_token_seconds", "Time to first token")
+        out += self.e2e.render("vmem_e2e_request_latency_seconds", "End-to-end request latency")
+        # Everything else the engine reports, as untyped gauges, so nothing is hidden.
+        for key in sorted(stats):
+            value = stats[key]
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out.append("vmem_engine_stat{key=\"%s\"} %s" % (key, _num(value)))
+        return "\n".join(out) + "\n"
+
+
+def _num(value) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "+Inf" if value > 0 else "-Inf"
+        return repr(value)
+    return str(int(value))
