@@ -1,0 +1,61 @@
+"""Shared fixtures and Hypothesis profiles.
+
+Profiles: ``ci`` (loaded by default: derandomized, no deadline, so a red run reproduces) and ``soak``
+(many more examples, random seeds). Pick one with ``HYPOTHESIS_PROFILE=soak``.
+"""
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci", derandomize=True, deadline=None, max_examples=50, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "soak", deadline=None, max_examples=2000, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="session")
+def host_backend():
+    """The shared host Backend."""
+    from vmem.backends import get_backend
+
+    return get_backend("host")
+
+
+@pytest.fixture
+def host_resv(host_backend):
+    """A 64 MiB host reservation of 64 KiB pages (1024 pages), closed after the test."""
+    r = host_backend.reserve(64 << 20, 64 << 10)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def host_pool(host_backend):
+    """A host pool of 256 pages of 64 KiB, closed after the test."""
+    p = host_backend.create_pool(64 << 10, 256)
+    yield p
+    p.close()
+
+
+def _cuda_ok():
+    try:
+        from vmem.backends import cuda_available
+
+        return cuda_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests skip cleanly where the cuda backend cannot run."""
+    if any("gpu" in item.keywords for item in items) and not _cuda_ok():
+        skip = pytest.mark.skip(reason="no CUDA driver/device for the cuda backend")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)

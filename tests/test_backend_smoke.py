@@ -1,0 +1,57 @@
+"""Smoke tests of the host backend through the Python layer."""
+import numpy as np
+import pytest
+import torch
+
+import vmem
+from vmem.backends import get_backend
+from vmem.errors import VmemClosedError, VmemInvalidArgument, VmemUnsupported
+
+
+def test_import_checks_version():
+    from vmem.backends._ffi import NATIVE_VERSION
+
+    assert NATIVE_VERSION == vmem.__version__
+
+
+def test_get_backend_kinds():
+    assert get_backend("host").name == "host"
+    assert get_backend("host") is get_backend("host")
+    assert get_backend("auto").name in ("host", "cuda")
+    with pytest.raises(VmemInvalidArgument):
+        get_backend("tpu")
+
+
+def test_cuda_unsupported_without_driver():
+    try:
+        b = get_backend("cuda")
+    except VmemUnsupported as e:
+        assert "not supported" in str(e)
+        assert get_backend("auto").name == "host"
+    else:
+        assert b.name == "cuda"
+
+
+def test_map_write_read_unmap(host_resv, host_pool):
+    pb = host_resv.page_bytes
+    t = host_resv.tensor(torch.int32, (host_resv.num_bytes // 4,))
+    assert t.data_ptr() == host_resv.address
+    host_resv.map([0, 1, 2], host_pool, [5, 6, 7])
+    t[: 3 * pb // 4] = 7
+    assert int(t[: 3 * pb // 4].sum()) == 7 * 3 * pb // 4
+    np.testing.assert_array_equal(host_resv.mapping(0, 4), [5, 6, 7, -1])
+    assert host_resv.num_mappings == 2  # the run + the rest of the reservation
+    host_resv.unmap([0, 1, 2])
+    assert int(t[: 3 * pb // 4].abs().sum()) == 0
+    assert host_resv.num_mappings == 1
+
+
+def test_context_managers_and_close(host_backend):
+    with host_backend.reserve(1 << 20, 4096) as r, host_backend.create_pool(4096, 4) as p:
+        r.map([0], p, [0])
+    assert r.closed and p.closed
+    with pytest.raises(VmemClosedError):
+        r.map([1], p, [1])
+    with pytest.raises(VmemClosedError):
+        p.grow(1)
+    r.close()  # idempotent

@@ -1,0 +1,176 @@
+/* vmem.h — the primitive contract of the native layer.
+ *
+ * One header, one source file per backend (host.c: memfd + mmap; cuda.c: the CUDA driver's virtual
+ * memory API through dlopen), core.c for what both share (validation, the virt->phys table, run
+ * coalescing, rollback, mapping budget, fault injection; map.c and pool.c split out of it) and
+ * worker.c (the async map queue).
+ *
+ * Rules every function follows:
+ *   - returns an int status (VMEM_OK or one VMEM_ERR_*); never exit/abort; no global error state:
+ *     details of a failure go to the caller's vmem_err_t (may be NULL);
+ *   - a batch that fails part way is rolled back inside the call (all or nothing);
+ *   - safe to call from several threads: one mutex per reservation, one per pool
+ *     (lock order: reservation, then pool); never needs the GIL.
+ * Units: *_bytes are bytes, *_pages / virt / phys are page indices (int64), addresses are uint64.
+ * This text is also fed to cffi's cdef (build.py strips the #-lines), so keep it plain C.
+ */
+#ifndef VMEM_H
+#define VMEM_H
+#include <stdint.h>
+
+#define VMEM_OK                 0
+#define VMEM_ERR_OOM            1   /* physical memory, address space or table memory exhausted */
+#define VMEM_ERR_MAP_LIMIT      2   /* would exceed the mapping budget (vm.max_map_count) */
+#define VMEM_ERR_INVALID        3   /* bad argument; err->detail says which */
+#define VMEM_ERR_DRIVER         4   /* the OS or CUDA driver failed; err->os_error holds errno / CUresult */
+#define VMEM_ERR_UNSUPPORTED    5   /* backend not available here (no libcuda, no device) */
+#define VMEM_ERR_CLOSED         6   /* object already closed */
+#define VMEM_ERR_BUSY           7   /* object in use (e.g. trim of a mapped page) */
+
+/* err->detail for VMEM_ERR_INVALID / VMEM_ERR_BUSY */
+#define VMEM_DETAIL_NONE            0
+#define VMEM_DETAIL_UNALIGNED       1   /* size not a multiple of the granularity */
+#define VMEM_DETAIL_VIRT_RANGE      2   /* virtual page outside the reservation */
+#define VMEM_DETAIL_PHYS_RANGE      3   /* physical page outside the pool */
+#define VMEM_DETAIL_ALREADY_MAPPED  4   /* virtual page is mapped already */
+#define VMEM_DETAIL_NOT_MAPPED      5   /* unmap of a page that is not mapped */
+#define VMEM_DETAIL_DUPLICATE       6   /* the same virtual page twice in one batch */
+#define VMEM_DETAIL_PAGE_SIZE       7   /* pool and reservation page sizes differ */
+#define VMEM_DETAIL_BACKEND         8   /* pool and reservation come from different backends */
+#define VMEM_DETAIL_PAGE_IN_USE     9   /* physical page still mapped */
+#define VMEM_DETAIL_TOO_LARGE      10   /* size beyond what the address space / pool may hold */
+#define VMEM_DETAIL_POOL_FULL      11   /* grow beyond max_pages */
+#define VMEM_DETAIL_INJECTED       12   /* failure injected by vmem_*_inject_fault */
+
+#define VMEM_KIND_HOST 0
+#define VMEM_KIND_CUDA 1
+
+typedef struct vmem_backend vmem_backend_t;
+typedef struct vmem_resv vmem_resv_t;
+typedef struct vmem_pool vmem_pool_t;
+typedef struct vmem_worker vmem_worker_t;
+
+typedef struct {
+    int32_t status;        /* the code the call returned */
+    int32_t detail;        /* VMEM_DETAIL_* */
+    int64_t os_error;      /* errno (host) or CUresult (cuda); 0 when none */
+    int64_t index;         /* batch index of the offending element, -1 when none */
+    int64_t needed;        /* MAP_LIMIT: mappings needed; OOM: bytes/pages asked for */
+    int64_t available;     /* MAP_LIMIT: mappings left in the budget; OOM: what was free */
+} vmem_err_t;
+
+typedef struct {
+    int32_t kind;                  /* VMEM_KIND_* */
+    int32_t device;                /* CUDA ordinal, -1 for host */
+    uint64_t granularity_bytes;    /* page_bytes must be a positive multiple */
+    int64_t max_map_count;         /* vm.max_map_count read at open (host), -1 when n/a */
+    int64_t map_budget;            /* mappings vmem may hold in this process */
+    int64_t mappings_used;         /* mappings vmem holds now, all reservations of this kind */
+    int32_t hugetlb_available;     /* host: free hugetlb pages exist */
+} vmem_backend_info_t;
+
+typedef struct {
+    uint64_t address;
+    uint64_t num_bytes;
+    uint64_t page_bytes;
+    int64_t num_pages;
+    int64_t mapped_pages;
+    int64_t num_mappings;          /* host: estimated VMAs; cuda: contiguous mapped runs */
+    int64_t map_calls;             /* vmem_map calls that succeeded */
+    int64_t unmap_calls;
+    int64_t map_ops;               /* OS/driver calls issued for maps (mmap / cuMemMap) */
+    int64_t unmap_ops;
+    int64_t pages_mapped_total;
+    int64_t pages_unmapped_total;
+} vmem_resv_info_t;
+
+typedef struct {
+    uint64_t page_bytes;
+    int64_t num_pages;             /* valid physical page ids: [0, num_pages) */
+    int64_t max_pages;
+    int64_t backed_pages;          /* pages holding memory (host: allocated in the memfd) */
+    int64_t mapped_pages;          /* pages mapped at least once right now */
+    int64_t mappings;              /* (virtual page, physical page) pairs that point into the pool */
+    int64_t resident_bytes;        /* what the OS says (host: fstat st_blocks * 512); -1 when n/a */
+    int32_t hugetlb;               /* host: the memfd is MFD_HUGETLB */
+    int32_t closed;
+} vmem_pool_info_t;
+
+/* ---- version ---- */
+const char *vmem_version(void);
+
+/* ---- backend ----
+ * pre: out != NULL. kind VMEM_KIND_HOST ignores device.
+ * VMEM_ERR_UNSUPPORTED when the backend cannot run here (cuda: no libcuda.so.1 or no such device). */
+int vmem_backend_open(int kind, int device, vmem_backend_t **out, vmem_err_t *err);
+int vmem_backend_close(vmem_backend_t *b);
+int vmem_backend_info(vmem_backend_t *b, vmem_backend_info_t *out);
+/* Lower this backend's mapping budget (tests, or a process that needs VMAs of its own).
+ * pre: 0 <= budget; a budget above the one computed at open is clamped to it. */
+int vmem_backend_set_map_budget(vmem_backend_t *b, int64_t budget);
+
+/* ---- reservation ----
+ * pre: page_bytes > 0, multiple of granularity; num_bytes > 0 (rounded up to page_bytes).
+ * Host: the range reads as zeros and faults on write until mapped. */
+int vmem_reserve(vmem_backend_t *b, uint64_t num_bytes, uint64_t page_bytes,
+                 vmem_resv_t **out, vmem_err_t *err);
+/* Unmaps everything, frees the range and drops the caller's reference: r must not be used after.
+ * (Queued worker jobs hold their own reference and find the reservation CLOSED.) */
+int vmem_release(vmem_resv_t *r);
+int vmem_resv_info(vmem_resv_t *r, vmem_resv_info_t *out);
+/* out_phys[i] = physical page under virtual page first+i, or -1; out_pool (may be NULL) = pool id or -1. */
+int vmem_resv_read_table(vmem_resv_t *r, int64_t first, int64_t n, int64_t *out_phys, int32_t *out_pool);
+/* Fail the nth (1-based) OS/driver map or unmap op issued for this reservation with `status`;
+ * nth = 0 disarms. */
+int vmem_resv_inject_fault(vmem_resv_t *r, int64_t nth, int status);
+
+/* ---- pool ----
+ * pre: page_bytes as for vmem_reserve; num_pages >= 0; max_pages >= num_pages (0: no limit). */
+int vmem_pool_create(vmem_backend_t *b, uint64_t page_bytes, int64_t num_pages, int64_t max_pages,
+                     vmem_pool_t **out, vmem_err_t *err);
+int vmem_pool_grow(vmem_pool_t *p, int64_t num_pages, vmem_err_t *err);
+/* Return the memory of unmapped pages to the OS/driver; the ids stay valid and get memory again
+ * when next mapped. pre: none of phys is mapped (else BUSY, nothing trimmed). */
+int vmem_pool_trim(vmem_pool_t *p, const int64_t *phys, int64_t n, vmem_err_t *err);
+/* Closes the pool and drops the caller's reference: p must not be used after. Its memory lives on
+ * under existing mappings until they are unmapped. */
+int vmem_pool_close(vmem_pool_t *p);
+int vmem_pool_info(vmem_pool_t *p, vmem_pool_info_t *out);
+int32_t vmem_pool_id(vmem_pool_t *p);
+int vmem_pool_inject_fault(vmem_pool_t *p, int64_t nth, int status);
+
+/* ---- map / unmap ----
+ * pre: every virt in [0, num_pages of r), distinct, unmapped (map) / mapped (unmap);
+ *      every phys in [0, num_pages of p); r and p from the same backend, same page_bytes.
+ * Contiguous virtual pages over contiguous physical pages go in one OS call (host) and count as one
+ * mapping. All or nothing: on failure nothing changed. */
+int vmem_map(vmem_resv_t *r, vmem_pool_t *p, const int64_t *virt, const int64_t *phys, int64_t n,
+             vmem_err_t *err);
+int vmem_unmap(vmem_resv_t *r, const int64_t *virt, int64_t n, vmem_err_t *err);
+
+/* ---- async worker (worker.c) ----
+ * One pthread with a FIFO. submit copies the arrays and returns a ticket at once; wait blocks until that
+ * job ran and returns its status (err filled like vmem_map's). Each ticket is waited at most once.
+ * pre: r, p stay open (the worker holds references). n = 0 is a no-op job. */
+int vmem_worker_create(vmem_worker_t **out);
+int vmem_worker_submit_map(vmem_worker_t *w, vmem_resv_t *r, vmem_pool_t *p, const int64_t *virt,
+                           const int64_t *phys, int64_t n, uint64_t *ticket);
+int vmem_worker_submit_unmap(vmem_worker_t *w, vmem_resv_t *r, const int64_t *virt, int64_t n,
+                             uint64_t *ticket);
+int vmem_worker_wait(vmem_worker_t *w, uint64_t ticket, vmem_err_t *err);
+/* Nonzero when the job is done (wait will not block); -1 for an unknown ticket. */
+int vmem_worker_poll(vmem_worker_t *w, uint64_t ticket);
+int64_t vmem_worker_pending(vmem_worker_t *w);
+/* Runs what is queued, joins the thread and frees w (tickets not waited are dropped). */
+int vmem_worker_close(vmem_worker_t *w);
+
+/* ---- raw floor for bench/native_map.py: a bare loop of the host backend's syscalls ----
+ * Maps page i of the range at base + virt[i]*page_bytes from fd offset phys[i]*page_bytes with exactly the
+ * flags vmem_map uses, one mmap per page; unmap puts the reservation's anonymous memory back. */
+int vmem_raw_host_map(vmem_pool_t *p, uint64_t base, const int64_t *virt, const int64_t *phys, int64_t n,
+                      uint64_t page_bytes);
+int vmem_raw_host_unmap(uint64_t base, const int64_t *virt, int64_t n, uint64_t page_bytes);
+/* Number of lines in /proc/self/maps (VMAs of the process), -1 on error. */
+int64_t vmem_count_process_mappings(void);
+
+#endif
