@@ -1,0 +1,202 @@
+"""KVCacheManager: the protocol engines and benchmarks code against, and the slot bookkeeping
+the three managers (vmem, paged, static) share.
+
+What each call may do (plan vs run, in FlashInfer's sense):
+  * pure, safe inside a CUDA graph: ``kv()``, ``spec``, ``stats()``, ``pages_needed()``, ``can_allocate()``;
+  * may talk to the OS/driver (map, unmap, grow, trim): ``step()``, ``prefetch()``, ``free_slot()`` (eager
+    reclamation), ``reclaim_idle()``, ``close()``;
+  * ``attention()`` writes K/V in place and runs a kernel; it never maps.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from vmem.allocator.spec import KVCacheSpec
+from vmem.allocator.stats import CacheStats, new_counters, new_peaks
+from vmem.errors import VmemClosedError, VmemInvalidArgument, VmemSlotError
+
+_DEBUG = bool(os.environ.get("VMEM_DEBUG"))
+
+
+@runtime_checkable
+class KVCacheManager(Protocol):
+    kind: str
+    spec: KVCacheSpec
+    device: torch.device
+
+    def alloc_slot(self, num_tokens: int | None = None) -> int: ...
+    def free_slot(self, slot: int) -> None: ...
+    @property
+    def num_free_slots(self) -> int: ...
+    def pages_needed(self, needs: Mapping[int, int]) -> int: ...
+    def can_allocate(self, needs: Mapping[int, int]) -> bool: ...
+    def step(self, needs: Mapping[int, int]) -> None: ...
+    def prefetch(self, needs: Mapping[int, int]) -> None: ...
+    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def attention(self, layer, q, k, v, cache_seqlens, slots, causal=True, softmax_scale=None) -> torch.Tensor: ...
+    def stats(self) -> CacheStats: ...
+    def check_integrity(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class SlotCache:
+    """Slot bookkeeping: which slots are live and how many tokens each holds.
+
+    Invariants: ``lengths[s] == 0`` for every free slot; ``0 <= lengths[s] <= spec.max_seq_len``.
+    """
+
+    kind = "base"
+
+    def __init__(self, spec: KVCacheSpec, num_slots: int, device):
+        if not isinstance(spec, KVCacheSpec):
+            raise VmemInvalidArgument("spec must be a KVCacheSpec, got %r" % (type(spec).__name__,))
+        self.spec = spec
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.num_slots = int(num_slots)
+        self._live = np.zeros(self.num_slots, dtype=bool)
+        self._lengths = np.zeros(self.num_slots, dtype=np.int64)
+        self._counters = new_counters()
+        self._peaks = new_peaks()
+        self._closed = False
+
+    # ---- validation -----------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise VmemClosedError("this %s cache is closed" % self.kind)
+
+    def _check_slot(self, slot) -> int:
+        if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)):
+            raise VmemInvalidArgument("a slot must be an int, got %r" % (slot,))
+        if not 0 <= slot < self.num_slots:
+            raise VmemSlotError("slot %d does not exist (this cache has %d)" % (slot, self.num_slots))
+        if not self._live[slot]:
+            raise VmemSlotError("slot %d is not allocated (never allocated or already freed)" % slot)
+        return int(slot)
+
+    def _parse_needs(self, needs: Mapping[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """needs: {slot: total tokens} -> (slots [n] int64, tokens [n] int64), validated, sorted by slot."""
+        self._check_open()
+        if not isinstance(needs, Mapping):
+            raise VmemInvalidArgument("needs must be a mapping {slot: num_tokens}, got %r" % (type(needs).__name__,))
+        items = sorted((self._check_slot(s), self.spec.check_num_tokens(n)) for s, n in needs.items())
+        slots = np.fromiter((s for s, _ in items), dtype=np.int64, count=len(items))
+        tokens = np.fromiter((n for _, n in items), dtype=np.int64, count=len(items))
+        return slots, tokens
+
+    # ---- slots ----------------------------------------------------------------------------
+    @property
+    def num_free_slots(self) -> int:
+        return int(self.num_slots - np.count_nonzero(self._live))
+
+    @property
+    def live_slots(self) -> list[int]:
+        return np.flatnonzero(self._live).tolist()
+
+    def length(self, slot: int) -> int:
+        """Tokens the last step() made room for in a live slot."""
+        return int(self._lengths[self._check_slot(slot)])
+
+    def alloc_slot(self, num_tokens: int | None = None) -> int:
+        """A free slot for a new request (length 0). ``num_tokens`` optionally hints its first length.
+
+        Raises VmemSlotError when all slots are live.
+        """
+        self._check_open()
+        if num_tokens is not None:
+            num_tokens = self.spec.check_num_tokens(num_tokens)
+        free = np.flatnonzero(~self._live)
+        if free.size == 0:
+            raise VmemSlotError("all %d slots are in use" % self.num_slots)
+        slot = self._choose_slot(free, num_tokens)
+        self._live[slot] = True
+        self._lengths[slot] = 0
+        self._peaks["live_slots"] = max(self._peaks["live_slots"], int(np.count_nonzero(self._live)))
+        return slot
+
+    def _choose_slot(self, free: np.ndarray, num_tokens: int | None) -> int:
+        return int(free[0])
+
+    def free_slot(self, slot: int) -> None:
+        """The request in ``slot`` finished or was preempted; its length is forgotten."""
+        self._check_open()
+        slot = self._check_slot(slot)
+        self._release_slot(slot)
+        self._live[slot] = False
+        self._lengths[slot] = 0
+
+    def _release_slot(self, slot: int) -> None:
+        pass
+
+    def _record_lengths(self, slots: np.ndarray, tokens: np.ndarray) -> None:
+        self._lengths[slots] = tokens
+        live_tokens = int(self._lengths.sum())
+        self._peaks["live_tokens"] = max(self._peaks["live_tokens"], live_tokens)
+
+    # ---- defaults -------------------------------------------------------------------------
+    def can_allocate(self, needs: Mapping[int, int]) -> bool:
+        """Whether step(needs) would succeed now (no side effects)."""
+        return self.pages_needed(needs) <= self._available_pages()
+
+    def _available_pages(self) -> int:
+        raise NotImplementedError
+
+    def prefetch(self, needs: Mapping[int, int]) -> None:
+        """Begin mapping what the next step needs; the baselines have nothing to map."""
+        self._parse_needs(needs)
+
+    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _check_attention_args(self, q, cache_seqlens, slots) -> None:
+        """Typed errors for bad shapes; on CPU (or with VMEM_DEBUG set) also that every slot is live and
+        step() made room for cache_seqlens + seqlen tokens: a write past the mapped part of a virtual
+        tensor would fault. On CUDA that check would synchronise the device every layer."""
+        self._check_open()
+        if q.dim() != 4:
+            raise VmemInvalidArgument("q must be [batch, seqlen, num_heads, head_dim], got shape %s" % (tuple(q.shape),))
+        batch, new_tokens = q.shape[0], q.shape[1]
+        if tuple(cache_seqlens.shape) != (batch,) or tuple(slots.shape) != (batch,):
+            raise VmemInvalidArgument("cache_seqlens and slots must be [batch=%d] tensors" % batch)
+        if cache_seqlens.device.type != "cpu" and not _DEBUG:
+            return
+        idx = slots.detach().cpu().numpy().astype(np.int64)
+        ends = cache_seqlens.detach().cpu().numpy().astype(np.int64) + new_tokens
+        for s in idx:
+            self._check_slot(int(s))
+        if np.any(ends > self._lengths[idx]):
+            bad = int(np.flatnonzero(ends > self._lengths[idx])[0])
+            raise VmemInvalidArgument(
+                "slot %d: attention over %d tokens but step() made room for %d; call step() first"
+                % (idx[bad], ends[bad], self._lengths[idx[bad]]))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _note_used(self, used_pages: int) -> None:
+        if used_pages > self._peaks["used_pages"]:
+            self._peaks["used_pages"] = used_pages
+
+    def _stats(self, *, page_bytes: int, total_pages: int, used_pages: int, reclaimable_pages: int,
+               os_mappings: int = 0) -> CacheStats:
+        self._peaks["used_pages"] = max(self._peaks["used_pages"], used_pages)
+        return CacheStats.build(
+            kind=self.kind, page_bytes=page_bytes, total_pages=total_pages, used_pages=used_pages,
+            reclaimable_pages=reclaimable_pages, live_slots=int(np.count_nonzero(self._live)),
+            live_tokens=int(self._lengths.sum()), token_bytes=self.spec.token_bytes, counters=self._counters,
+            os_mappings=os_mappings, peaks=self._peaks)

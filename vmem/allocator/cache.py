@@ -1,0 +1,443 @@
+"""VirtualKVCache: contiguous virtual K/V tensors with physical pages mapped on demand.
+
+Rationale: attention kernels written for dense caches (flash_attn_with_kvcache with cache_batch_idx,
+SDPA) run unchanged on ``[max_batch, max_seq, Hkv, D]`` tensors, while memory is only spent on pages
+that hold tokens, as with PagedAttention.
+
+Approach: ONE reservation holds every plane (each layer's or layer group's K and V, spec.py), so making
+room for a step is one native map call for the whole batch; ONE pool of physical pages bounded by
+``memory_bytes``. A slot grows by *columns* (page j of every row of the slot). Physical placement keeps
+each row on consecutive pool pages where it can (page_table.place_pages) so mappings merge and the
+process stays far below vm.max_map_count.
+
+Reclamation: ``deferred`` (default) leaves a finished request's pages mapped in its slot; the next request
+there reuses them without a map call, and idle slots give pages back (tail columns first, slots in
+ReclaimPolicy order) only when the pool runs dry. ``eager`` unmaps at free_slot and returns the memory to
+the OS (host: trim punches the memfd hole).
+
+Async: ``prefetch(needs)`` plans the next step from free pages only and hands the batch to the native
+worker thread (it copies the arrays; it never touches Python objects). The page table records the plan
+at once; every other call first settles the ticket (waits only if the worker is behind); a failed
+prefetch was rolled back natively, and settling undoes its plan here, so it corrupts nothing and the next
+step maps synchronously.
+
+Limitations: pages shared between slots (reference counts > 1) are never counted as reclaimable.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from vmem.allocator.base import SlotCache
+from vmem.allocator.page_table import UNMAPPED, PageTable, place_pages
+from vmem.allocator.policy import RECLAIM_POLICIES, ReclaimPolicy, SlotPolicy
+from vmem.allocator.spec import KVCacheSpec
+from vmem.allocator.stats import CacheStats
+from vmem.errors import VmemError, VmemIntegrityError, VmemInvalidArgument, VmemOutOfMemory
+
+logger = logging.getLogger(__name__)
+
+RECLAIM_MODES = ("deferred", "eager")
+
+
+class VirtualKVCache(SlotCache):
+    """KV cache over virtual memory (host memfd/mmap or CUDA VMM), see the module docstring.
+
+    Invariants (``check_integrity()`` verifies them; tests call it after every operation):
+      1. the page table is consistent: reference counts equal the virtual pages mapping each pool page,
+         and a pool page is free iff its count is 0 (PageTable.check);
+      2. every row of slot s has exactly columns[s] mapped pages, and they are its first ones;
+      3. a live slot's columns cover its length: columns[s] >= row_pages_for_tokens(length[s]);
+         a free slot has length 0, and in eager mode no pages;
+      4. used + reclaimable + free == pool pages (used: live slots' pages, reclaimable: idle slots');
+      5. the backend agrees: its own table reads back as ours, it holds as many mappings as our runs
+         imply, and the OS backs exactly the resident pool pages (host: memfd st_blocks).
+    """
+
+    kind = "vmem"
+
+    def __init__(self, spec: KVCacheSpec, *, memory_bytes: int | None = None, backend="auto", device=None,
+                 reclaim: str = "deferred", async_map: bool = False, reclaim_policy: str | ReclaimPolicy = "lru"):
+        super().__init__(spec, spec.max_batch, None)
+        if reclaim not in RECLAIM_MODES:
+            raise VmemInvalidArgument("reclaim must be one of %s, got %r" % (RECLAIM_MODES, reclaim))
+        self.reclaim = reclaim
+        if isinstance(reclaim_policy, str):
+            if reclaim_policy not in RECLAIM_POLICIES:
+                raise VmemInvalidArgument("reclaim_policy must be one of %s" % sorted(RECLAIM_POLICIES))
+            reclaim_policy = RECLAIM_POLICIES[reclaim_policy]()
+        self.reclaim_policy = reclaim_policy
+        self.slot_policy = SlotPolicy()
+        if memory_bytes is None:
+            pool_pages = spec.num_virtual_pages
+        else:
+            if isinstance(memory_bytes, bool) or not isinstance(memory_bytes, int) or memory_bytes <= 0:
+                raise VmemInvalidArgument("memory_bytes must be a positive int, got %r" % (memory_bytes,))
+            pool_pages = min(memory_bytes // spec.page_bytes, spec.num_virtual_pages)
+        if pool_pages < spec.rows_per_slot:
+            raise VmemInvalidArgument(
+                "memory_bytes=%s holds %d pages of %d bytes; one column of a slot needs %d"
+                % (memory_bytes, pool_pages, spec.page_bytes, spec.rows_per_slot))
+        self._backend = _open_backend(backend, device)
+        self.device = self._backend.device
+        granularity = int(self._backend.granularity_bytes)
+        if spec.page_bytes % granularity:
+            raise VmemInvalidArgument("page_bytes=%d is not a multiple of the %s backend's granularity %d"
+                                      % (spec.page_bytes, self._backend.name, granularity))
+        self._reservation = self._backend.reserve(spec.reservation_bytes, spec.page_bytes)
+        try:
+            self._pool = self._backend.create_pool(spec.page_bytes, pool_pages, max_pages=pool_pages)
+        except BaseException:
+            self._reservation.close()
+            raise
+        self._planes = [self._reservation.tensor(spec.dtype, spec.plane_shape, offset_bytes=spec.plane_offset_bytes(p))
+                        for p in range(spec.num_planes)]
+        self._table = PageTable(spec.num_virtual_pages, pool_pages)
+        self._columns = np.zeros(spec.max_batch, dtype=np.int64)
+        self._freed_at = np.zeros(spec.max_batch, dtype=np.int64)
+        self._clock = 0
+        self._mapper = self._backend.async_mapper() if async_map else None
+        self._pending = None      # (ticket, virt, phys, slots, columns before) of a prefetch in flight
+        self._counters.update(prefetch_pages=0, prefetch_failures=0, async_wait_seconds=0.0, trimmed_pages=0)
+
+    # ---- views ----------------------------------------------------------------------------
+    @property
+    def num_pool_pages(self) -> int:
+        return self._table.num_pool_pages
+
+    @property
+    def reservation(self):
+        return self._reservation
+
+    @property
+    def pool(self):
+        return self._pool
+
+    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-copy K, V of a layer: NHD/GROUPED [max_batch, max_seq_len, Hkv, D] (GROUPED strided),
+        HND [max_batch, Hkv, max_seq_len, D]; spec.dtype. Pure: no map, safe in a CUDA graph."""
+        self._check_open()
+        return self.spec.layer_views(self._planes, layer)
+
+    def attention(self, layer, q, k, v, cache_seqlens, slots, causal=True, softmax_scale=None):
+        """q: [B, S, Hq, D]; k, v: [B, S, Hkv, D] (appended at cache_seqlens); cache_seqlens, slots: [B] int32.
+
+        Returns out [B, S, Hq, D]. step() must have made room for cache_seqlens + S tokens.
+        """
+        from vmem.attention import flash_attn_with_kvcache
+        self._check_attention_args(q, cache_seqlens, slots)
+        k_cache, v_cache = self.kv(layer)
+        return flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
+                                       cache_batch_idx=slots, softmax_scale=softmax_scale, causal=causal,
+                                       kv_layout=self.spec.kv_layout)
+
+    # ---- slots ----------------------------------------------------------------------------
+    def _choose_slot(self, free: np.ndarray, num_tokens: int | None) -> int:
+        needed = None if num_tokens is None else self.spec.row_pages_for_tokens(num_tokens)
+        return self.slot_policy.choose(free, self._columns, needed)
+
+    def _release_slot(self, slot: int) -> None:
+        self._settle()
+        self._clock += 1
+        self._freed_at[slot] = self._clock
+        if self.reclaim == "eager" and self._columns[slot]:
+            try:
+                self._shrink({slot: 0}, trim=True)
+            except VmemError as exc:   # e.g. the mapping budget: keep the pages as deferred, lose nothing
+                logger.warning("eager unmap of slot %d failed (%s); its pages stay mapped until reclaimed", slot, exc)
+
+    # ---- planning (pure) ------------------------------------------------------------------
+    def _growth(self, slots: np.ndarray, tokens: np.ndarray):
+        """(slots that grow, their columns now, columns wanted) for needs."""
+        target = self.spec.row_pages_for_tokens_array(tokens)
+        current = self._columns[slots]
+        grows = target > current
+        return slots[grows], current[grows], target[grows]
+
+    def _reclaimable_pages(self) -> int:
+        idle = ~self._live
+        return int(self._columns[idle].sum()) * self.spec.rows_per_slot
+
+    def pages_needed(self, needs: Mapping[int, int]) -> int:
+        """Pool pages step(needs) would map (pages already mapped in the slots count as there)."""
+        slots, tokens = self._parse_needs(needs)
+        _, current, target = self._growth(slots, tokens)
+        return int((target - current).sum()) * self.spec.rows_per_slot
+
+    def _available_pages(self) -> int:
+        return self._table.num_free + self._reclaimable_pages()
+
+    def _plan_reclaim(self, shortfall_pages: int) -> dict[int, int]:
+        """{idle slot: columns it keeps} freeing at least ``shortfall_pages`` pages, in policy order."""
+        rows = self.spec.rows_per_slot
+        idle = np.flatnonzero(~self._live & (self._columns > 0))
+        shrink = {}
+        for slot in self.reclaim_policy.order(idle, self._columns, self._freed_at):
+            if shortfall_pages <= 0:
+                break
+            take = min(int(self._columns[slot]), -(-shortfall_pages // rows))
+            shrink[slot] = int(self._columns[slot]) - take
+            shortfall_pages -= take * rows
+        return shrink
+
+    def _place(self, g_slots, g_from, g_to) -> tuple[np.ndarray, np.ndarray]:
+        """Virtual and physical pages for growing slots: ([n] int64, [n] int64), row after row."""
+        spec = self.spec
+        virt, lasts, counts = [], [], []
+        for slot, first, end in zip(g_slots.tolist(), g_from.tolist(), g_to.tolist()):
+            virt.append(spec.slot_virtual_pages(slot, first, end).reshape(-1))
+            starts = spec.slot_row_starts(slot)
+            lasts.append(self._table.phys[starts + first - 1].astype(np.int64) if first
+                         else np.full(starts.shape, -1, dtype=np.int64))
+            counts.append(np.full(starts.shape, end - first, dtype=np.int64))
+        free = self._table.refcount == 0
+        phys = place_pages(free, np.concatenate(lasts), np.concatenate(counts))
+        return np.concatenate(virt), phys
+
+    # ---- native calls ---------------------------------------------------------------------
+    def _map(self, virt: np.ndarray, phys: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        self._reservation.map(virt, self._pool, phys)
+        c = self._counters
+        c["map_seconds"] += time.perf_counter() - t0
+        c["map_calls"] += 1
+        c["pages_mapped"] += int(virt.size)
+
+    def _unmap(self, virt: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        self._reservation.unmap(virt)
+        c = self._counters
+        c["unmap_seconds"] += time.perf_counter() - t0
+        c["unmap_calls"] += 1
+        c["pages_unmapped"] += int(virt.size)
+
+    def _trim(self, phys: np.ndarray) -> None:
+        if phys.size:
+            self._pool.trim(phys)
+            self._table.resident[phys] = False
+            self._counters["trimmed_pages"] += int(phys.size)
+
+    def _shrink(self, keep: Mapping[int, int], *, trim: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Unmap columns [keep[s], columns[s]) of slots in one call. Returns (virt, their phys)."""
+        virt = [self.spec.slot_virtual_pages(s, k, int(self._columns[s])).reshape(-1) for s, k in keep.items()]
+        virt = np.concatenate(virt) if virt else np.zeros(0, dtype=np.int64)
+        if not virt.size:
+            return virt, virt
+        phys = self._table.phys[virt].astype(np.int64)
+        self._unmap(virt)
+        released = self._table.clear(virt)
+        for s, k in keep.items():
+            self._columns[s] = k
+        if trim:
+            self._trim(released)
+        return virt, phys
+
+    # ---- step -----------------------------------------------------------------------------
+    def step(self, needs: Mapping[int, int]) -> None:
+        """Make tokens [0, needs[slot]) of every slot writable, in one native map call.
+
+        Atomic: if the pool (free plus reclaimable pages) cannot cover it, VmemOutOfMemory(needed_pages,
+        free_pages) is raised and nothing changes; if the native map fails (map budget, driver), the
+        native call rolled back and so does this one (pages taken from idle slots are mapped back).
+        """
+        slots, tokens = self._parse_needs(needs)
+        self._settle()
+        g_slots, g_from, g_to = self._growth(slots, tokens)
+        rows = self.spec.rows_per_slot
+        needed = int((g_to - g_from).sum()) * rows
+        # pages a request finds already mapped in its slot (deferred reclamation) beyond its last step
+        had = self.spec.row_pages_for_tokens_array(self._lengths[slots])
+        reused = int(np.maximum(np.minimum(self.spec.row_pages_for_tokens_array(tokens), self._columns[slots]) - had,
+                                0).sum()) * rows
+        free = self._table.num_free
+        if needed > free:
+            available = free + self._reclaimable_pages()
+            if needed > available:
+                raise VmemOutOfMemory(needed_pages=needed, free_pages=available, op="vmem.step")
+            self._reclaim_for(needed - free)
+        if needed:
+            virt, phys = self._place(g_slots, g_from, g_to)
+            try:
+                self._map(virt, phys)
+            except BaseException:
+                self._undo_reclaim()
+                raise
+            self._table.set(virt, phys)
+            self._columns[g_slots] = g_to
+        self._reclaimed = None
+        self._counters["reused_pages"] += reused
+        self._record_lengths(slots, tokens)
+        self._note_used(int(self._columns[self._live].sum()) * rows)
+
+    _reclaimed = None
+
+    def _reclaim_for(self, shortfall_pages: int) -> None:
+        keep = self._plan_reclaim(shortfall_pages)
+        before = {s: int(self._columns[s]) for s in keep}
+        virt, phys = self._shrink(keep, trim=False)
+        self._counters["reclaimed_pages"] += int(virt.size)
+        self._reclaimed = (before, virt, phys)
+        logger.debug("reclaimed %d pages from %d idle slots", virt.size, len(keep))
+
+    def _undo_reclaim(self) -> None:
+        """After a failed map: give idle slots their pages back, or, if that fails too, trim them."""
+        if self._reclaimed is None:
+            return
+        before, virt, phys = self._reclaimed
+        self._reclaimed = None
+        try:
+            self._map(virt, phys)
+        except VmemError:
+            self._trim(np.unique(phys))
+            return
+        self._table.set(virt, phys)
+        for s, cols in before.items():
+            self._columns[s] = cols
+
+    def reclaim_idle(self) -> int:
+        """Unmap every idle slot's pages now and return their memory to the OS. Returns pages released."""
+        self._check_open()
+        self._settle()
+        keep = {int(s): 0 for s in np.flatnonzero(~self._live & (self._columns > 0))}
+        virt, _ = self._shrink(keep, trim=True)
+        self._counters["reclaimed_pages"] += int(virt.size)
+        return int(virt.size)
+
+    # ---- async ----------------------------------------------------------------------------
+    def prefetch(self, needs: Mapping[int, int]) -> None:
+        """Start mapping what step(needs) will need on the native worker and return at once.
+
+        Uses free pages only (taking pages from idle slots is left to step); when the pool cannot cover
+        it, or the cache is synchronous, this does nothing and step() maps everything.
+        """
+        slots, tokens = self._parse_needs(needs)
+        if self._mapper is None:
+            return
+        self._settle()
+        g_slots, g_from, g_to = self._growth(slots, tokens)
+        needed = int((g_to - g_from).sum()) * self.spec.rows_per_slot
+        if not needed or needed > self._table.num_free:
+            return
+        virt, phys = self._place(g_slots, g_from, g_to)
+        ticket = self._mapper.submit(self._reservation, virt, self._pool, phys)
+        self._table.set(virt, phys)
+        self._pending = (ticket, virt, phys, g_slots, g_from)
+        self._columns[g_slots] = g_to
+        self._counters["prefetch_pages"] += int(virt.size)
+
+    def _settle(self) -> None:
+        """Wait for a prefetch in flight; undo its plan if the worker's map failed."""
+        if self._pending is None:
+            return
+        ticket, virt, phys, g_slots, g_from = self._pending
+        self._pending = None
+        t0 = time.perf_counter()
+        try:
+            self._mapper.wait(ticket)
+        except VmemError as exc:
+            self._table.clear(virt)
+            self._table.resident[phys] = False
+            self._columns[g_slots] = g_from
+            self._counters["prefetch_failures"] += 1
+            logger.warning("prefetch of %d pages failed (%s); step() will map them", virt.size, exc)
+        else:
+            self._counters["map_calls"] += 1
+            self._counters["pages_mapped"] += int(virt.size)
+        finally:
+            self._counters["async_wait_seconds"] += time.perf_counter() - t0
+
+    # ---- statistics and checks --------------------------------------------------------------
+    def stats(self) -> CacheStats:
+        rows = self.spec.rows_per_slot
+        used = int(self._columns[self._live].sum()) * rows
+        reclaimable = int(self._columns[~self._live].sum()) * rows
+        return self._stats(page_bytes=self.spec.page_bytes, total_pages=self.num_pool_pages, used_pages=used,
+                           reclaimable_pages=reclaimable, os_mappings=int(self._reservation.num_mappings))
+
+    @property
+    def counters(self) -> dict:
+        """Raw counters, including the async ones (prefetch_pages, prefetch_failures, async_wait_seconds)."""
+        return dict(self._counters)
+
+    def check_integrity(self) -> None:
+        """Verify the invariants of the class docstring; raise VmemIntegrityError listing what is wrong."""
+        self._check_open()
+        self._settle()
+        spec, table = self.spec, self._table
+        problems = table.check()
+        shape = (spec.num_planes, spec.max_batch, spec.rows_per_plane, spec.pages_per_row)
+        mapped = (table.phys != UNMAPPED).reshape(shape)
+        expected = np.arange(spec.pages_per_row)[None, None, None, :] < self._columns[None, :, None, None]
+        wrong = mapped != expected
+        if wrong.any():
+            bad = np.flatnonzero(wrong.any(axis=(0, 2, 3)))
+            problems.append("slots %s: mapped pages are not the first columns[s] pages of each row" % bad.tolist())
+        needed = spec.row_pages_for_tokens_array(self._lengths)
+        short = np.flatnonzero(self._live & (self._columns < needed))
+        if short.size:
+            problems.append("live slots %s have fewer mapped columns than their lengths need" % short.tolist())
+        if np.any(self._lengths[~self._live]):
+            problems.append("a free slot has a length")
+        if self.reclaim == "eager" and np.any(self._columns[~self._live]):
+            problems.append("eager reclamation left pages in free slots")
+        s = self.stats()
+        if s.used_pages + s.reclaimable_pages + s.free_pages != s.total_pages or s.mapped_pages != table.num_used:
+            problems.append("used %d + reclaimable %d + free %d != %d pages, or mapped %d != page table %d"
+                            % (s.used_pages, s.reclaimable_pages, s.free_pages, s.total_pages, s.mapped_pages,
+                               table.num_used))
+        problems += self._check_backend()
+        if problems:
+            raise VmemIntegrityError("; ".join(problems))
+
+    def _check_backend(self) -> list[str]:
+        problems = []
+        table = self._table
+        read_table = getattr(self._reservation, "read_table", None)
+        if read_table is not None:
+            theirs = np.asarray(read_table(0, table.phys.size), dtype=np.int64)
+            if not np.array_equal(theirs, table.phys.astype(np.int64)):
+                bad = np.flatnonzero(theirs != table.phys)[:5]
+                problems.append("the backend's table differs at virtual pages %s" % bad.tolist())
+        runs = table.expected_mappings()
+        if int(self._reservation.num_mappings) != runs:
+            problems.append("the backend holds %d mappings, the page table implies %d"
+                            % (self._reservation.num_mappings, runs))
+        resident = self._pool.resident_bytes()
+        if resident is not None and resident >= 0:
+            ours = int(np.count_nonzero(table.resident)) * self.spec.page_bytes
+            if resident != ours:
+                problems.append("the OS backs %d bytes of the pool, the page table says %d" % (resident, ours))
+        return problems
+
+    def close(self) -> None:
+        """Wait for the worker, unmap everything and release the reservation and the pool."""
+        if self._closed:
+            return
+        try:
+            self._settle()
+        finally:
+            self._closed = True
+            if self._mapper is not None:
+                self._mapper.close()
+            self._planes = []
+            self._reservation.close()
+            self._pool.close()
+
+
+def _open_backend(backend, device):
+    if isinstance(backend, str):
+        from vmem.backends import get_backend
+        return get_backend(backend) if device is None else get_backend(backend, device=_device_index(device))
+    return backend
+
+
+def _device_index(device) -> int:
+    if isinstance(device, int):
+        return device
+    device = torch.device(device)
+    return device.index or 0
