@@ -36,7 +36,10 @@ def test_expected_mappings_counts_merged_runs():
     t.set(np.arange(0, 4), np.arange(8, 12))         # one run
     t.set(np.arange(4, 6), np.array([3, 4]))         # adjacent virtually, not physically: a second run
     t.set(np.array([10]), np.array([0]))             # isolated
-    assert t.expected_mappings() == 3
+    # host: the 3 runs plus the unmapped gaps [6, 10) and [11, 16) of the reservation
+    assert t.expected_mappings(coalesce_phys=True) == 5
+    # cuda: mapped runs only, physical contiguity does not matter
+    assert t.expected_mappings(coalesce_phys=False) == 2
 
 
 def test_rows_extend_their_own_extent():

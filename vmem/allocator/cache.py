@@ -258,7 +258,8 @@ class VirtualKVCache(SlotCache):
         if needed > free:
             available = free + self._reclaimable_pages()
             if needed > available:
-                raise VmemOutOfMemory(needed_pages=needed, free_pages=available, op="vmem.step")
+                raise VmemOutOfMemory("vmem.step: %d pages needed, %d free or reclaimable" % (needed, available),
+                                      needed_pages=needed, free_pages=available, op="vmem.step")
             self._reclaim_for(needed - free)
         if needed:
             virt, phys = self._place(g_slots, g_from, g_to)
@@ -397,13 +398,11 @@ class VirtualKVCache(SlotCache):
     def _check_backend(self) -> list[str]:
         problems = []
         table = self._table
-        read_table = getattr(self._reservation, "read_table", None)
-        if read_table is not None:
-            theirs = np.asarray(read_table(0, table.phys.size), dtype=np.int64)
-            if not np.array_equal(theirs, table.phys.astype(np.int64)):
-                bad = np.flatnonzero(theirs != table.phys)[:5]
-                problems.append("the backend's table differs at virtual pages %s" % bad.tolist())
-        runs = table.expected_mappings()
+        theirs = self._reservation.mapping(0, table.phys.size)
+        if not np.array_equal(theirs, table.phys.astype(np.int64)):
+            bad = np.flatnonzero(theirs != table.phys)[:5]
+            problems.append("the backend's table differs at virtual pages %s" % bad.tolist())
+        runs = table.expected_mappings(coalesce_phys=self._backend.name == "host")
         if int(self._reservation.num_mappings) != runs:
             problems.append("the backend holds %d mappings, the page table implies %d"
                             % (self._reservation.num_mappings, runs))

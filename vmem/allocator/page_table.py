@@ -74,16 +74,23 @@ class PageTable:
     def lookup(self, virt: np.ndarray) -> np.ndarray:
         return self.phys[virt]
 
-    def expected_mappings(self) -> int:
-        """OS mappings the table implies: maximal runs of consecutive virtual pages whose pool pages
-        are consecutive too (each run is one mapping once the kernel merges them)."""
+    def expected_mappings(self, coalesce_phys: bool = True) -> int:
+        """Mappings the backend should report for this table.
+
+        coalesce_phys (host): OS mappings (VMAs) of the whole range, i.e. segments separated where the
+        mapped state changes or where consecutive mapped pages are not consecutive in the pool (the
+        kernel merges the rest); unmapped gaps count as the reservation's own segments.
+        Otherwise (cuda): maximal runs of mapped virtual pages.
+        """
         phys = self.phys.astype(np.int64)
-        mapped = phys != UNMAPPED
-        if not mapped.any():
+        if phys.size == 0:
             return 0
-        starts = mapped.copy()
-        starts[1:] &= ~(mapped[:-1] & (phys[1:] == phys[:-1] + 1))
-        return int(np.count_nonzero(starts))
+        mapped = phys != UNMAPPED
+        if not coalesce_phys:
+            return int(np.count_nonzero(mapped[0:1])) + int(np.count_nonzero(mapped[1:] & ~mapped[:-1]))
+        both_free = ~mapped[1:] & ~mapped[:-1]
+        joined = mapped[1:] & mapped[:-1] & (phys[1:] == phys[:-1] + 1)
+        return 1 + int(np.count_nonzero(~(both_free | joined)))
 
     def check(self) -> list[str]:
         problems = []

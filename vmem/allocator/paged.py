@@ -72,7 +72,8 @@ class PagedKVCache(SlotCache):
         wanted = self._blocks_for(tokens)
         needed = sum(max(0, int(w) - len(self._blocks[s])) for s, w in zip(slots, wanted))
         if needed > len(self._free_blocks):
-            raise VmemOutOfMemory(needed_pages=needed, free_pages=len(self._free_blocks), op="paged.step")
+            raise VmemOutOfMemory("paged.step: %d blocks needed, %d free" % (needed, len(self._free_blocks)),
+                                  needed_pages=needed, free_pages=len(self._free_blocks), op="paged.step")
         for s, w in zip(slots.tolist(), wanted.tolist()):
             owned = self._blocks[s]
             while len(owned) < w:
