@@ -1,0 +1,202 @@
+"""Scheduler side: slots, contiguous block ids and admission by physical blocks.
+
+``SlotTable`` is the policy and bookkeeping (pure, tested without vLLM). ``install`` fits it into a
+real ``vllm.v1.core.kv_cache_manager.KVCacheManager`` (0.33.0) by replacing four bound methods on the
+instances, so vLLM's Scheduler, coordinator and BlockPool run unchanged:
+
+    single-type manager .allocate_new_blocks   hands out ids slot*M+1+j instead of popping the free queue
+    single-type manager .pop_blocks_for_free   the request gives its slot back (slot drains, see below)
+    block pool .free_blocks                    counts blocks coming home per slot
+    block pool .get_num_free_blocks / get_usage   report physical capacity, not free virtual ids
+    manager .allocate_slots                    refuses (returns None) a new request when no slot is free
+
+A slot whose request was freed stays *draining* until all its blocks are back in the pool (vLLM may
+return them later than it pops the bookkeeping, e.g. with async scheduling); only then can a new request
+take it, so its ids are never handed out twice. Free slots are reused last-freed-first: the worker keeps
+a finished request's pages mapped (deferred reclamation), so the next request in that slot maps nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from vmem.errors import VmemInvalidArgument, VmemSlotError
+from vmem_vllm.layout import SlotLayout
+
+logger = logging.getLogger(__name__)
+
+
+class SlotTable:
+    """Request -> slot, blocks outstanding per slot, and the physical block budget.
+
+    Invariants (``check()``):
+      * a slot is in exactly one state: free, owned by one request, or draining (owner gone, blocks out);
+      * outstanding[s] >= 0, and a free slot has none outstanding;
+      * sum(outstanding) <= num_physical_blocks.
+    """
+
+    def __init__(self, layout: SlotLayout, num_physical_blocks: int):
+        if num_physical_blocks <= 0:
+            raise VmemInvalidArgument("num_physical_blocks must be positive, got %r" % (num_physical_blocks,))
+        self.layout = layout
+        self.num_physical_blocks = int(num_physical_blocks)
+        self.outstanding = np.zeros(layout.num_slots, dtype=np.int64)
+        self._owner: dict[str, int] = {}
+        self._draining: set[int] = set()
+        self._free = list(range(layout.num_slots - 1, -1, -1))      # a stack: pop() gives slot 0 first
+
+    # ---- queries ----
+    def slot_of_request(self, request_id: str) -> int | None:
+        return self._owner.get(request_id)
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return int(self.outstanding.sum())
+
+    @property
+    def num_free_physical_blocks(self) -> int:
+        return self.num_physical_blocks - self.num_used_blocks
+
+    def can_admit(self, request_id: str) -> bool:
+        return request_id in self._owner or bool(self._free)
+
+    # ---- transitions ----
+    def acquire(self, request_id: str) -> int:
+        """The request's slot, taking the most recently freed one if it has none yet."""
+        slot = self._owner.get(request_id)
+        if slot is None:
+            if not self._free:
+                raise VmemSlotError("all %d slots are owned or draining" % self.layout.num_slots)
+            slot = self._free.pop()
+            self._owner[request_id] = slot
+        return slot
+
+    def take_blocks(self, slot: int, num_blocks: int) -> None:
+        if num_blocks > self.num_free_physical_blocks:
+            raise VmemInvalidArgument("%d blocks asked, %d physical blocks free"
+                                      % (num_blocks, self.num_free_physical_blocks))
+        self.outstanding[slot] += num_blocks
+
+    def return_blocks(self, block_ids) -> None:
+        """Blocks are back in vLLM's free queue."""
+        ids = np.asarray(list(block_ids), dtype=np.int64)
+        if ids.size == 0:
+            return
+        slots = (ids - 1) // self.layout.blocks_per_slot
+        np.subtract.at(self.outstanding, slots, 1)
+        if (self.outstanding < 0).any():
+            raise VmemInvalidArgument("blocks returned twice: %s" % ids.tolist())
+        for slot in set(slots.tolist()) & self._draining:
+            self._settle(slot)
+
+    def release(self, request_id: str) -> None:
+        """The request is finished, aborted or preempted: its slot drains, then becomes free."""
+        slot = self._owner.pop(request_id, None)
+        if slot is not None:
+            self._draining.add(slot)
+            self._settle(slot)
+
+    def _settle(self, slot: int) -> None:
+        if self.outstanding[slot] == 0:
+            self._draining.discard(slot)
+            self._free.append(slot)
+
+    def check(self) -> None:
+        owned = list(self._owner.values())
+        states = owned + list(self._draining) + self._free
+        if sorted(states) != list(range(self.layout.num_slots)):
+            raise VmemInvalidArgument("slot states overlap or miss slots: owned %s, draining %s, free %s"
+                                      % (sorted(owned), sorted(self._draining), sorted(self._free)))
+        if (self.outstanding < 0).any() or self.outstanding[self._free].any():
+            raise VmemInvalidArgument("bad outstanding counts %s" % self.outstanding.tolist())
+        if self.num_used_blocks > self.num_physical_blocks:
+            raise VmemInvalidArgument("%d blocks out, budget %d" % (self.num_used_blocks, self.num_physical_blocks))
+
+
+def install(kv_cache_manager, layout: SlotLayout, num_physical_blocks: int) -> SlotTable:
+    """Make a vLLM KVCacheManager hand out slot-contiguous block ids under a physical budget.
+
+    Supported: one KV cache group of full attention, prefix caching off, no speculative lookahead
+    beyond ``max_model_len``. Anything else raises VmemInvalidArgument before any state changes.
+    """
+    from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+
+    managers = kv_cache_manager.coordinator.single_type_managers
+    if len(managers) != 1 or type(managers[0]) is not FullAttentionManager:
+        raise VmemInvalidArgument("vmem's vLLM plugin needs one KV cache group of full attention, got %s"
+                                  % [type(m).__name__ for m in managers])
+    if kv_cache_manager.enable_caching:
+        raise VmemInvalidArgument("vmem's vLLM plugin needs prefix caching off (--no-enable-prefix-caching)")
+    pool = kv_cache_manager.block_pool
+    if pool.num_gpu_blocks < layout.num_virtual_blocks:
+        raise VmemInvalidArgument("the block pool has %d block ids, the slot layout needs %d"
+                                  % (pool.num_gpu_blocks, layout.num_virtual_blocks))
+    mgr = managers[0]
+    table = SlotTable(layout, num_physical_blocks)
+    m = layout.blocks_per_slot
+
+    def allocate_new_blocks(request_id, num_tokens, num_tokens_main_model=None):
+        req_blocks = mgr.req_to_blocks[request_id]
+        num_required = -(-num_tokens // mgr.block_size)
+        first, end = len(req_blocks), min(num_required, m)
+        if end <= first:
+            return []
+        slot = table.acquire(request_id)
+        table.take_blocks(slot, end - first)
+        ids = layout.block_ids(slot, first, end)
+        blocks = [pool.blocks[i] for i in ids]
+        for block in blocks:
+            if block.ref_cnt != 0:
+                raise VmemInvalidArgument("block %d of slot %d is still in use" % (block.block_id, slot))
+            pool.free_block_queue.remove(block)
+            block.ref_cnt = 1
+        req_blocks.extend(blocks)
+        if mgr.records_new_block_ids:
+            mgr.new_block_ids.extend(ids)
+        return blocks
+
+    orig_pop = mgr.pop_blocks_for_free
+
+    def pop_blocks_for_free(request_id):
+        blocks = orig_pop(request_id)
+        table.release(request_id)
+        return blocks
+
+    orig_free_blocks = pool.free_blocks
+
+    def free_blocks(ordered_blocks):
+        blocks = [b for b in ordered_blocks if not b.is_null]
+        orig_free_blocks(blocks)
+        table.return_blocks(b.block_id for b in blocks if b.ref_cnt == 0)
+
+    orig_num_free = pool.get_num_free_blocks
+
+    def get_num_free_blocks():
+        return min(orig_num_free(), table.num_free_physical_blocks)
+
+    def get_usage():
+        return table.num_used_blocks / table.num_physical_blocks
+
+    orig_allocate_slots = kv_cache_manager.allocate_slots
+
+    def allocate_slots(request, num_new_tokens, *args, **kwargs):
+        if not table.can_admit(request.request_id):
+            return None
+        return orig_allocate_slots(request, num_new_tokens, *args, **kwargs)
+
+    mgr.allocate_new_blocks = allocate_new_blocks
+    mgr.pop_blocks_for_free = pop_blocks_for_free
+    pool.free_blocks = free_blocks
+    pool.get_num_free_blocks = get_num_free_blocks
+    pool.get_usage = get_usage
+    kv_cache_manager.allocate_slots = allocate_slots
+    kv_cache_manager.vmem_slots = table
+    logger.info("vmem: %d slots x %d blocks (virtual ids 1..%d), %d physical blocks",
+                layout.num_slots, m, layout.num_virtual_blocks - 1, num_physical_blocks)
+    return table

@@ -1,0 +1,178 @@
+"""vmem's vLLM plugin, its own logic, without vLLM: slot/block-id arithmetic, block -> page placement,
+the scheduler-side slot table, and the worker-side mapper on the real host backend.
+(tests/integration/test_vllm_*.py drive the same code through vLLM's real classes.)"""
+
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "integrations" / "vllm"))
+
+from vmem.backends import get_backend  # noqa: E402
+from vmem.errors import VmemIntegrityError, VmemInvalidArgument, VmemOutOfMemory, VmemSlotError  # noqa: E402
+from vmem_vllm import BlockMapper, BlockPages, SlotLayout, SlotTable, TensorPlacement  # noqa: E402
+
+PAGE = 4096
+
+
+# ---- slot layout ----------------------------------------------------------------------------------
+def test_block_ids_are_contiguous_per_slot_and_skip_the_null_block():
+    lay = SlotLayout(num_slots=3, blocks_per_slot=4)
+    assert lay.num_virtual_blocks == 13
+    assert lay.block_ids(0, 0, 4) == [1, 2, 3, 4]
+    assert lay.block_ids(2, 1, 3) == [10, 11]
+    assert [lay.slot_of(b) for b in (1, 4, 5, 12)] == [0, 0, 1, 2]
+    assert [lay.index_in_slot(b) for b in (1, 4, 5, 12)] == [0, 3, 0, 3]
+    for slot in range(3):
+        for j in range(4):
+            b = lay.block_id(slot, j)
+            assert (lay.slot_of(b), lay.index_in_slot(b)) == (slot, j)
+
+
+def test_slot_layout_for_model_rounds_up_and_rejects_bad_input():
+    assert SlotLayout.for_model(max_num_seqs=8, max_model_len=100, block_size=16) == SlotLayout(8, 7)
+    with pytest.raises(VmemInvalidArgument):
+        SlotLayout(0, 4)
+    with pytest.raises(VmemInvalidArgument):
+        SlotLayout(2, 4).block_id(2, 0)
+    with pytest.raises(VmemInvalidArgument):
+        SlotLayout(2, 4).block_ids(1, 2, 5)
+
+
+# ---- block pages ----------------------------------------------------------------------------------
+def test_layer_outermost_block_spans_one_run_per_layer():
+    # LBHNC: layer l of block b at l*V*page + b*page
+    num_blocks, page = 7, 2 * PAGE
+    bp = BlockPages([TensorPlacement(0, 3, page * num_blocks, page, page)], PAGE, num_blocks)
+    assert bp.pages_per_block == 6
+    assert bp.pages([2]).tolist() == [4, 5, 18, 19, 32, 33]
+    assert bp.num_bytes == 3 * num_blocks * page
+
+
+def test_block_outermost_block_is_one_run_over_all_layers():
+    # BLHNC: a block holds every layer's page back to back (vAttention's MegaCache idea)
+    layer_page = PAGE // 2
+    bp = BlockPages([TensorPlacement(0, 4, layer_page, 4 * layer_page, layer_page)], PAGE, 5)
+    assert bp.pages_per_block == 2
+    assert bp.pages([0, 3]).tolist() == [0, 1, 6, 7]
+
+
+def test_block_pages_refuse_blocks_that_share_a_page():
+    with pytest.raises(VmemInvalidArgument, match="whole"):
+        BlockPages([TensorPlacement(0, 3, 1024, PAGE, 1024)], PAGE, 8)     # 3 KiB of each 4 KiB block page
+    with pytest.raises(VmemInvalidArgument, match="multiple"):
+        BlockPages([TensorPlacement(0, 2, 1024 * 8, 1024, 1024)], PAGE, 8)     # 1 KiB blocks in 4 KiB pages
+
+
+# ---- slot table -----------------------------------------------------------------------------------
+def test_slot_table_reuses_last_freed_slot_and_drains_before_reuse():
+    table = SlotTable(SlotLayout(3, 4), num_physical_blocks=6)
+    assert table.acquire("a") == 0 and table.acquire("b") == 1
+    table.take_blocks(0, 3)
+    table.take_blocks(1, 2)
+    assert table.num_free_physical_blocks == 1
+    with pytest.raises(VmemInvalidArgument):
+        table.take_blocks(1, 2)                     # over the physical budget: nothing changes
+    table.release("a")                              # blocks not back yet: slot 0 drains
+    assert table.num_free_slots == 1 and table.acquire("c") == 2
+    assert not table.can_admit("d")
+    table.return_blocks([1, 2, 3])                  # slot 0's blocks come home
+    table.check()
+    assert table.acquire("d") == 0                  # the most recently freed slot
+    table.check()
+    with pytest.raises(VmemSlotError):
+        table.acquire("e")
+    with pytest.raises(VmemInvalidArgument):
+        table.return_blocks([1])                    # slot 0 has none out
+
+
+# ---- worker-side mapper on the real host backend ----------------------------------------------------
+@pytest.fixture
+def mapper():
+    lay = SlotLayout(num_slots=4, blocks_per_slot=3)
+    v = lay.num_virtual_blocks
+    page = 2 * PAGE                                  # one layer's block: 2 pages
+    bp = BlockPages([TensorPlacement(0, 2, page * v, page, page)], PAGE, v)
+    m = BlockMapper(get_backend("host"), bp, lay, num_physical_blocks=5)
+    buf = m.reservation.tensor(torch.int8, (bp.num_bytes,)).view(2, v, page)    # [layer, block, bytes]
+    yield m, lay, buf
+    del buf
+    m.close()
+
+
+def test_mapper_maps_new_blocks_and_data_lands_in_vmem_memory(mapper):
+    m, lay, buf = mapper
+    assert m.is_mapped(0)                                           # the null block, for good
+    m.apply(assigned={"a": lay.block_ids(1, 0, 2)})
+    assert [m.is_mapped(b) for b in (4, 5, 6)] == [True, True, False]
+    m.check_integrity()
+    buf[0, 4].fill_(3)
+    buf[1, 5].fill_(-2)
+    # read back through a second view of the same reservation: same physical pages
+    again = m.reservation.tensor(torch.int8, (m.reservation.num_bytes,))
+    page = buf.shape[2]
+    v = lay.num_virtual_blocks
+    assert int(again[4 * page:5 * page].sum()) == 3 * page
+    assert int(again[(v + 5) * page:(v + 6) * page].sum()) == -2 * page
+    table = m.reservation.mapping()
+    assert (table[m.block_pages.pages([4, 5])] >= 0).all()
+    assert (table[m.block_pages.pages([6, 7])] == -1).all()
+    assert m.stats()["live_blocks"] == 2 and m.stats()["free_blocks"] == 3
+
+
+def test_mapper_defers_reclamation_and_reuses_a_slot_without_mapping(mapper):
+    m, lay, buf = mapper
+    m.apply(assigned={"a": lay.block_ids(0, 0, 2)})
+    buf[0, 1].fill_(9)
+    calls = m.stats()["map_calls"]
+    m.apply(removed=["a"])
+    assert m.stats()["reclaimable_blocks"] == 2 and m.is_mapped(1)
+    m.apply(assigned={"b": lay.block_ids(0, 0, 2)})                  # next request in slot 0
+    assert m.stats()["map_calls"] == calls and m.stats()["blocks_reused"] == 2
+    assert int(buf[0, 1, 0]) == 9                                   # the same physical page
+    m.check_integrity()
+
+
+def test_mapper_reclaims_idle_tail_blocks_when_the_pool_runs_dry(mapper):
+    m, lay, buf = mapper
+    m.apply(assigned={"a": lay.block_ids(0, 0, 3), "b": lay.block_ids(1, 0, 2)})   # 5 of 5 blocks
+    m.apply(removed=["a"])
+    m.apply(assigned={"c": lay.block_ids(2, 0, 2)})                  # needs 2: slot 0's tail goes first
+    assert [m.is_mapped(b) for b in lay.block_ids(0, 0, 3)] == [True, False, False]
+    assert m.stats()["blocks_unmapped"] == 2
+    m.check_integrity()
+
+
+def test_mapper_out_of_memory_changes_nothing(mapper):
+    m, lay, buf = mapper
+    m.apply(assigned={"a": lay.block_ids(0, 0, 3)})
+    before = m.stats()
+    with pytest.raises(VmemOutOfMemory) as err:
+        m.apply(assigned={"b": lay.block_ids(1, 0, 3)})              # 6 live > 5 physical
+    assert err.value.needed_pages == 3 * m.block_pages.pages_per_block
+    assert m.stats() == before
+    m.check_integrity()
+    with pytest.raises(VmemInvalidArgument):
+        m.apply(assigned={"b": [0]})                                 # the null block is nobody's
+
+
+def test_mapper_eager_reclamation_unmaps_at_free():
+    lay = SlotLayout(2, 2)
+    bp = BlockPages([TensorPlacement(0, 1, PAGE, PAGE, PAGE)], PAGE, lay.num_virtual_blocks)
+    m = BlockMapper(get_backend("host"), bp, lay, 4, reclaim="eager")
+    m.apply(assigned={"a": [1, 2]})
+    m.apply(removed=["a"])
+    assert not m.is_mapped(1) and m.stats()["free_blocks"] == 4
+    m.check_integrity()
+    m.close()
+
+
+def test_integrity_check_sees_a_page_mapped_behind_its_back(mapper):
+    m, lay, buf = mapper
+    m.apply(assigned={"a": [1]})
+    m.reservation.unmap(m.block_pages.pages([1])[:1])
+    with pytest.raises(VmemIntegrityError):
+        m.check_integrity()
