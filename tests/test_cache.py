@@ -199,6 +199,19 @@ def test_native_failure_mid_step_rolls_back(nth):
         c.check_integrity()
 
 
+@pytest.mark.xfail(reason="native map rollback un-counts memfd pages that earlier runs populated, so they stay "
+                          "allocated and trim skips them (vmem/_native/map.c); reported to the native layer",
+                   strict=False)
+def test_failed_map_leaves_no_memory_behind():
+    with cache(pages=12) as c:
+        s = c.alloc_slot()
+        c.reservation.inject_fault(2)                 # the second of four runs fails
+        with pytest.raises(VmemDriverError):
+            c.step({s: 1})
+        c.reservation.inject_fault(0)
+        assert c.pool.resident_bytes() == 0
+
+
 def test_map_budget_error_is_typed_and_atomic():
     backend = make_cache("vmem", small_spec(), backend="host").reservation.backend
     with cache(small_spec(max_batch=4)) as c:

@@ -266,7 +266,7 @@ class VirtualKVCache(SlotCache):
             try:
                 self._map(virt, phys)
             except BaseException:
-                self._undo_reclaim()
+                self._after_failed_map(phys)
                 raise
             self._table.set(virt, phys)
             self._columns[g_slots] = g_to
@@ -285,8 +285,14 @@ class VirtualKVCache(SlotCache):
         self._reclaimed = (before, virt, phys)
         logger.debug("reclaimed %d pages from %d idle slots", virt.size, len(keep))
 
-    def _undo_reclaim(self) -> None:
-        """After a failed map: give idle slots their pages back, or, if that fails too, trim them."""
+    def _after_failed_map(self, attempted: np.ndarray) -> None:
+        """The native map rolled back, but pages it populated before failing may still hold memory:
+        trim them; then give idle slots their reclaimed pages back (or, if that fails too, trim those)."""
+        reclaimed = self._reclaimed[2] if self._reclaimed is not None else np.zeros(0, dtype=np.int64)
+        try:
+            self._trim(np.setdiff1d(attempted, reclaimed))
+        except VmemError as exc:
+            logger.warning("trim after a failed map failed: %s", exc)
         if self._reclaimed is None:
             return
         before, virt, phys = self._reclaimed
@@ -342,8 +348,8 @@ class VirtualKVCache(SlotCache):
             self._mapper.wait(ticket)
         except VmemError as exc:
             self._table.clear(virt)
-            self._table.resident[phys] = False
             self._columns[g_slots] = g_from
+            self._trim(phys)           # the worker's rollback unmapped them; memory it populated goes back
             self._counters["prefetch_failures"] += 1
             logger.warning("prefetch of %d pages failed (%s); step() will map them", virt.size, exc)
         else:
