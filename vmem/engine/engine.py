@@ -207,13 +207,16 @@ class Engine:
         return batch
 
     def _next_needs(self, batch) -> dict[int, int]:
-        """What step t+1 will likely map: one more token past this step for every scheduled sequence."""
-        chunk = self.scheduler.prefill_chunk_tokens
+        """What step t+1 will likely map: the next chunk, or one more token, for every sequence of
+        step t that will still run (those reaching max_tokens now are left out)."""
+        chunk, limit = self.scheduler.prefill_chunk_tokens, self.max_seq_len
         needs = {}
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             after = seq.num_cached_tokens + n
             remaining = len(seq.token_ids) - after
-            needs[seq.slot] = after + (min(remaining, chunk) if remaining > 0 else 1)
+            if remaining == 0 and seq.num_output_tokens + 1 >= seq.request.params.max_tokens:
+                continue
+            needs[seq.slot] = min(after + (min(remaining, chunk) if remaining > 0 else 1), limit)
         return needs
 
     @torch.inference_mode()

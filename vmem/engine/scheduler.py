@@ -55,6 +55,10 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
+    def max_total_tokens(self) -> int:
+        return self.num_prompt_tokens + self.request.params.max_tokens
+
+    @property
     def num_pending_tokens(self) -> int:
         return len(self.token_ids) - self.num_cached_tokens
 
@@ -111,7 +115,7 @@ class Scheduler:
         while self.waiting and budget > 0 and not preempted and self.cache.num_free_slots > 0:
             seq = self.waiting[0]
             n = min(seq.num_pending_tokens, self.prefill_chunk_tokens, budget)
-            slot = self.cache.alloc_slot()
+            slot = self.cache.alloc_slot(seq.max_total_tokens)   # hint: a slot already mapped that far
             trial = {**needs, slot: n}
             if not self.cache.can_allocate(trial):
                 self.cache.free_slot(slot)

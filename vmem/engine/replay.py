@@ -1,0 +1,316 @@
+"""`vmem replay`: run a trace through the engine on the wall clock, for one or several caches.
+
+Requests become waiting when their (scaled) arrival time passes on the wall clock; the engine runs
+for real in this thread and every latency is measured on the same monotonic clock, as a client would
+(`metrics.py`). With several cache kinds, each runs the same requests (same token ids, same arrival
+times) on the same physical KV budget, one after the other, after a short warm-up of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vmem.engine import workloads
+from vmem.engine.engine import Engine, Request, SamplingParams, build_engine
+from vmem.engine.metrics import RequestRecord, compute_metrics
+
+logger = logging.getLogger(__name__)
+
+CACHE_KINDS = ("vmem", "paged", "static")
+
+
+@dataclass
+class ReplayConfig:
+    """What to replay and on what. Lengths are scaled to the model's max_seq_len, time by time_scale / rate."""
+    trace: str | None = None               # CSV path; None = bundled Azure conversation trace
+    synthetic: int = 0                     # > 0: a seeded synthetic workload of this many requests instead
+    start_s: float = 600.0                 # window of the trace, original seconds
+    duration_s: float | None = 60.0
+    max_requests: int | None = None
+    time_scale: float = 1.0
+    rate: float | None = None              # target mean req/s (overrides time_scale)
+    length_scale: float = 0.125
+    output_scale: float | None = 0.25
+    max_prompt_tokens: int = 384
+    max_output_tokens: int = 128
+    model: str = "tiny"
+    max_batch: int = 32
+    max_seq_len: int = 512
+    memory_bytes: int | None = None        # None: room for max_batch // 4 full-length sequences
+    page_bytes: int | None = 4096
+    max_num_batched_tokens: int = 512
+    prefill_chunk_tokens: int = 256
+    backend: str = "auto"
+    seed: int = 0
+    warmup_requests: int = 4
+    sample_interval_s: float = 0.05        # timeline resolution
+
+    def requests(self) -> list[workloads.TraceRequest]:
+        if self.synthetic > 0:
+            reqs = workloads.generate(self.synthetic, rate=self.rate or 4.0, cv=1.0, seed=self.seed,
+                                      prompt_lengths=workloads.ZipfLengths(0.6, 16, self.max_prompt_tokens),
+                                      output_lengths=workloads.ZipfLengths(0.3, 16, self.max_output_tokens))
+            return workloads.scale_trace(reqs, max_requests=self.max_requests, time_scale=self.time_scale)
+        trace = workloads.load_trace(self.trace)
+        return workloads.scale_trace(
+            trace, start_s=self.start_s, duration_s=self.duration_s, max_requests=self.max_requests,
+            time_scale=self.time_scale, rate=self.rate, length_scale=self.length_scale,
+            output_scale=self.output_scale, max_prompt_tokens=self.max_prompt_tokens,
+            max_output_tokens=self.max_output_tokens)
+
+
+@dataclass
+class RunResult:
+    kind: str
+    metrics: dict
+    stats: dict
+    peak_physical_kv_bytes: int
+    peak_running: int
+    num_preemptions: int
+    map_calls: int
+    num_skipped: int
+    timeline: dict = field(default_factory=dict)   # t_s, physical_kv_bytes, running, waiting
+
+
+def default_memory_bytes(cfg: ReplayConfig, engine_spec) -> int:
+    """Room for max_batch // 4 sequences of max_seq_len: static fits that many, vmem/paged pack more."""
+    return max(cfg.max_batch // 4, 1) * engine_spec.max_seq_len * _token_bytes(engine_spec)
+
+
+def _token_bytes(spec) -> int:
+    # K and V of every layer for one token (layout-independent)
+    return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * spec.dtype.itemsize
+
+
+def _physical_bytes(stats: dict) -> int:
+    for key in ("mapped_bytes", "physical_bytes", "resident_bytes"):
+        if key in stats:
+            return int(stats[key])
+    return 0
+
+
+def _map_calls(stats: dict) -> int:
+    return int(stats.get("map_calls", 0))
+
+
+def make_engine(cfg: ReplayConfig, kind: str) -> Engine:
+    memory_bytes = cfg.memory_bytes
+    if memory_bytes is None:
+        from vmem.engine.model import ModelConfig
+        mc = ModelConfig.preset(cfg.model, seed=cfg.seed)
+        spec_like = _SpecLike(mc.num_layers, mc.num_kv_heads, mc.head_dim, mc.dtype, cfg.max_seq_len)
+        memory_bytes = default_memory_bytes(cfg, spec_like)
+    return build_engine(cfg.model, kind, memory_bytes=memory_bytes, max_batch=cfg.max_batch,
+                        max_seq_len=cfg.max_seq_len, backend=cfg.backend, seed=cfg.seed,
+                        page_bytes=cfg.page_bytes if kind == "vmem" else None,
+                        max_num_batched_tokens=cfg.max_num_batched_tokens,
+                        prefill_chunk_tokens=cfg.prefill_chunk_tokens)
+
+
+@dataclass
+class _SpecLike:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: object
+    max_seq_len: int
+
+
+def make_prompts(reqs: list[workloads.TraceRequest], seed: int, vocab_size: int = 256) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [workloads.prompt_ids(r.prompt_tokens, rng, vocab_size) for r in reqs]
+
+
+def warm_up(engine: Engine, num_requests: int) -> None:
+    """A few short requests so first-call costs (allocator, kernels) stay out of the measurement."""
+    rng = np.random.default_rng(12345)
+    for i in range(num_requests):
+        engine.add_request(Request(f"warmup-{i}", workloads.prompt_ids(48 + 16 * i, rng),
+                                   SamplingParams(max_tokens=8, ignore_eos=True)))
+    while engine.has_work():
+        engine.step()
+
+
+def run_trace(engine: Engine, reqs: list[workloads.TraceRequest], prompts: list[list[int]], *,
+              label: str = "", progress: bool = True, sample_interval_s: float = 0.05) -> RunResult:
+    """Replay `reqs` on the wall clock through `engine`; returns metrics and a memory timeline."""
+    todo = [(i, r) for i, r in enumerate(reqs) if r.output_tokens > 0 and
+            r.prompt_tokens + r.output_tokens <= engine.max_seq_len]
+    num_skipped = len(reqs) - len(todo)
+    records: dict[str, RequestRecord] = {}
+    timeline = {"t_s": [], "physical_kv_bytes": [], "running": [], "waiting": []}
+    bar = _Progress(len(todo), label, enabled=progress)
+    peak_running = 0
+    map_calls_before = _map_calls(engine.stats())
+    next_sample = 0.0
+    t_start = time.monotonic()
+    pos = 0
+    while pos < len(todo) or engine.has_work():
+        now = time.monotonic()
+        while pos < len(todo) and t_start + todo[pos][1].arrival_s <= now:
+            i, r = todo[pos]
+            rid = f"req-{i}"
+            arrival = t_start + r.arrival_s
+            records[rid] = RequestRecord(rid, arrival, r.prompt_tokens)
+            engine.add_request(Request(rid, prompts[i], SamplingParams(max_tokens=r.output_tokens,
+                                                                       ignore_eos=True), arrival))
+            pos += 1
+        if not engine.has_work():
+            time.sleep(max(0.0, min(t_start + todo[pos][1].arrival_s - time.monotonic(), 0.1)))
+            continue
+        outputs = engine.step()
+        now = time.monotonic()
+        for out in outputs:
+            rec = records[out.request_id]
+            rec.token_times.extend([now] * len(out.new_token_ids))
+            if out.finished:
+                rec.finish_reason = out.finish_reason
+                bar.update()
+        peak_running = max(peak_running, engine.num_running)
+        if now - t_start >= next_sample:
+            stats = engine.stats()
+            timeline["t_s"].append(now - t_start)
+            timeline["physical_kv_bytes"].append(_physical_bytes(stats))
+            timeline["running"].append(engine.num_running)
+            timeline["waiting"].append(engine.num_waiting)
+            next_sample = now - t_start + sample_interval_s
+    bar.close()
+    end = max((r.token_times[-1] for r in records.values() if r.token_times), default=t_start)
+    first = t_start + todo[0][1].arrival_s if todo else t_start
+    stats = engine.stats()
+    metrics = compute_metrics(list(records.values()), end - first)
+    return RunResult(engine.cache.kind, metrics, stats,
+                     peak_physical_kv_bytes=max([_peak_physical(stats)] + timeline["physical_kv_bytes"]),
+                     peak_running=peak_running, num_preemptions=engine.num_preemptions,
+                     map_calls=_map_calls(stats) - map_calls_before, num_skipped=num_skipped, timeline=timeline)
+
+
+def _peak_physical(stats: dict) -> int:
+    for key in ("peak_mapped_bytes", "peak_physical_bytes"):
+        if key in stats:
+            return int(stats[key])
+    return _physical_bytes(stats)
+
+
+def replay(cfg: ReplayConfig, kinds=CACHE_KINDS, *, progress: bool = True) -> dict:
+    """Run the same requests through each cache kind; returns {"config", "workload", "runs": {kind: ...}}."""
+    reqs = cfg.requests()
+    if not reqs:
+        from vmem.errors import VmemInvalidArgument
+        raise VmemInvalidArgument("the trace window holds no requests; widen --duration or move --start")
+    prompts = make_prompts(reqs, cfg.seed)
+    runs = {}
+    for kind in kinds:
+        engine = make_engine(cfg, kind)
+        try:
+            warm_up(engine, cfg.warmup_requests)
+            _reset_counters(engine)
+            runs[kind] = run_trace(engine, reqs, prompts, label=kind, progress=progress,
+                                   sample_interval_s=cfg.sample_interval_s)
+        finally:
+            engine.close()
+    return {"config": asdict(cfg), "workload": workloads.summarize(reqs),
+            "runs": {k: asdict(v) for k, v in runs.items()}}
+
+
+def _reset_counters(engine: Engine) -> None:
+    engine.counters.clear()
+    engine.scheduler.num_preemptions = 0
+
+
+# ---------------------------------------------------------------- report
+
+ROWS = [
+    ("output tok/s", lambda r: r["metrics"]["output_throughput"], "{:.1f}"),
+    ("requests done", lambda r: "%d/%d" % (r["metrics"]["completed"], r["metrics"]["num_requests"]), "{}"),
+    ("TTFT p50 ms", lambda r: r["metrics"]["ttft_ms"]["p50"], "{:.0f}"),
+    ("TTFT p99 ms", lambda r: r["metrics"]["ttft_ms"]["p99"], "{:.0f}"),
+    ("TPOT p50 ms", lambda r: r["metrics"]["tpot_ms"]["p50"], "{:.1f}"),
+    ("TPOT p99 ms", lambda r: r["metrics"]["tpot_ms"]["p99"], "{:.1f}"),
+    ("ITL p50 ms", lambda r: r["metrics"]["itl_ms"]["p50"], "{:.1f}"),
+    ("ITL p99 ms", lambda r: r["metrics"]["itl_ms"]["p99"], "{:.1f}"),
+    ("E2E p50 ms", lambda r: r["metrics"]["e2el_ms"]["p50"], "{:.0f}"),
+    ("E2E p99 ms", lambda r: r["metrics"]["e2el_ms"]["p99"], "{:.0f}"),
+    ("peak physical KV MiB", lambda r: r["peak_physical_kv_bytes"] / 2**20, "{:.1f}"),
+    ("peak running requests", lambda r: r["peak_running"], "{}"),
+    ("preemptions", lambda r: r["num_preemptions"], "{}"),
+    ("map calls", lambda r: r["map_calls"], "{}"),
+]
+
+
+def format_table(result: dict) -> str:
+    runs = result["runs"]
+    kinds = list(runs)
+    width = max(len(name) for name, _, _ in ROWS)
+    lines = ["%-*s  %s" % (width, "", "  ".join("%10s" % k for k in kinds))]
+    for name, get, fmt in ROWS:
+        lines.append("%-*s  %s" % (width, name, "  ".join("%10s" % fmt.format(get(runs[k])) for k in kinds)))
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str | Path) -> Path:
+    """PNG: physical KV memory (top) and running requests (bottom) over time, one line per cache."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_mem, ax_run) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    for kind, run in result["runs"].items():
+        tl = run["timeline"]
+        ax_mem.step(tl["t_s"], np.asarray(tl["physical_kv_bytes"]) / 2**20, where="post", label=kind)
+        ax_run.step(tl["t_s"], tl["running"], where="post", label=kind)
+    w = result["workload"]
+    ax_mem.set_title("replay: %d requests, %.2f req/s" % (w["num_requests"], w.get("rate_per_s", math.nan)))
+    ax_mem.set_ylabel("physical KV (MiB)")
+    ax_run.set_ylabel("running requests")
+    ax_run.set_xlabel("wall time (s)")
+    ax_mem.legend()
+    ax_mem.grid(alpha=0.3)
+    ax_run.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_json(result: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, default=str))
+    return path
+
+
+class _Progress:
+    """tqdm on stderr when available, else one updating stderr line."""
+
+    def __init__(self, total: int, label: str, enabled: bool):
+        self.total, self.label, self.enabled, self.n = total, label, enabled, 0
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, desc=label, unit="req", file=sys.stderr, leave=True)
+            except ImportError:
+                pass
+
+    def update(self) -> None:
+        self.n += 1
+        if self.bar is not None:
+            self.bar.update()
+        elif self.enabled:
+            sys.stderr.write("\r%s: %d/%d requests" % (self.label, self.n, self.total))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            sys.stderr.write("\n")
