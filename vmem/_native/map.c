@@ -111,7 +111,7 @@ int vmem_map(vmem_resv_t *r, vmem_pool_t *p, const int64_t *virt, const int64_t 
              vmem_err_t *err)
 {
     pair_t *s = NULL;
-    int64_t *ph = NULL, *runs = NULL, i, old_breaks, delta = 0, done = 0, num_runs = 0;
+    int64_t *ph = NULL, *runs = NULL, i, old_breaks, delta = 0, done = 0, num_runs = 0, populated = 0;
     int taken = 0;
     uint64_t tag;
     int rc;
@@ -172,6 +172,7 @@ int vmem_map(vmem_resv_t *r, vmem_pool_t *p, const int64_t *virt, const int64_t 
         if (!rc) rc = r->b->ops->map_run(r, s[i].virt, p, ph + i, done, err);
         if (rc) {
             if (err && err->index < 0) err->index = s[i].index;
+            populated = i;
             while (num_runs > 0) {
                 int64_t a = runs[--num_runs];
                 r->b->ops->unmap_run(r, s[a].virt, i - a, NULL);
@@ -191,6 +192,15 @@ int vmem_map(vmem_resv_t *r, vmem_pool_t *p, const int64_t *virt, const int64_t 
         for (i = 0; i < n; i++) {
             if (--p->mapcount[ph[i]] == 0) p->mapped_pages--;
             p->mappings--;
+        }
+        /* the runs mapped before the failure gave their pages memory: give it back unless
+         * someone else maps the page now, so the pool ends as it began */
+        for (i = 0; i < populated; i++) {
+            if (p->backed[ph[i]]) continue;
+            if (p->mapcount[ph[i]] || p->closed || p->b->ops->pool_trim(p, ph[i], 1, NULL)) {
+                p->backed[ph[i]] = 1;
+                p->backed_pages++;
+            }
         }
         pthread_mutex_unlock(&p->lock);
         atomic_fetch_sub(&p->refs, n);     /* the owner's reference is still there */

@@ -32,8 +32,6 @@ class Backend:
     """
 
     def __init__(self, kind: str, device: int = 0):
-        import torch
-
         code = {"host": lib.VMEM_KIND_HOST, "cuda": lib.VMEM_KIND_CUDA}.get(kind)
         if code is None:
             raise VmemInvalidArgument("backend kind must be 'host' or 'cuda', got %r" % (kind,), op="backend")
@@ -44,9 +42,15 @@ class Backend:
         self._h = ffi.gc(out[0], lib.vmem_backend_close)
         self.name = kind
         self.device_index = device if kind == "cuda" else -1
-        self.device = torch.device("cuda", device) if kind == "cuda" else torch.device("cpu")
         info = self._info()
         self.granularity_bytes = int(info.granularity_bytes)
+
+    @property
+    def device(self):
+        """torch.device of the memory: ``cuda:N`` or ``cpu``."""
+        import torch
+
+        return torch.device("cuda", self.device_index) if self.name == "cuda" else torch.device("cpu")
 
     def _info(self):
         out = ffi.new("vmem_backend_info_t *")

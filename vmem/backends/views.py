@@ -44,6 +44,7 @@ def _contiguous_strides(shape):
 def make_view(resv, dtype, shape, offset_bytes: int = 0, strides=None) -> torch.Tensor:
     """``shape`` of ``dtype`` at ``resv.address + offset_bytes``; ``strides`` in elements (default: C order)."""
     shape = tuple(int(s) for s in shape)
+    offset_bytes = int(offset_bytes)
     strides = _contiguous_strides(shape) if strides is None else tuple(int(s) for s in strides)
     itemsize = torch.empty((), dtype=dtype).element_size()
     if len(strides) != len(shape) or any(s < 0 for s in shape) or any(s < 0 for s in strides):
