@@ -136,7 +136,9 @@ def check(rc: int, op: str, *, detail: int = 0, os_error: int = 0, index: int = 
             msg += ": " + what
         raise VmemDriverError(msg, op=op, code=os_error, index=index, **context)
     if rc == UNSUPPORTED:
-        raise VmemUnsupported("%s: not supported on this machine" % where, op=op, code=os_error, **context)
+        why = ("driver code %d" % os_error) if os_error else "libcuda.so.1 missing, no such device, or no VMM support"
+        raise VmemUnsupported("%s: not supported on this machine (%s)" % (where, why), op=op, code=os_error,
+                              **context)
     if rc == CLOSED:
         raise VmemClosedError("%s: object is closed" % where, op=op, **context)
     if rc == BUSY:

@@ -255,7 +255,7 @@ int vmem_release(vmem_resv_t *r)
         return VMEM_ERR_CLOSED;
     }
     r->closed = 1;
-    r->b->ops->release(r->b, r->addr, r->num_bytes);
+    r->b->ops->release(r);
     entries = malloc((size_t)(r->mapped_pages ? r->mapped_pages : 1) * sizeof(uint64_t));
     for (i = 0; i < r->num_pages && k < r->mapped_pages; i++)
         if (r->table[i]) {

@@ -153,10 +153,10 @@ static int host_reserve(vmem_backend_t *b, uint64_t num_bytes, uint64_t page_byt
     return VMEM_OK;
 }
 
-static void host_release(vmem_backend_t *b, uint64_t addr, uint64_t num_bytes)
+/* pre: r->lock held. munmap drops every mapping in the range at once. */
+static void host_release(vmem_resv_t *r)
 {
-    (void)b;
-    munmap((void *)(uintptr_t)addr, num_bytes);
+    munmap((void *)(uintptr_t)r->addr, r->num_bytes);
 }
 
 static int os_fail(vmem_err_t *err, int status, int e)

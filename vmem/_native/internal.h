@@ -22,7 +22,8 @@ typedef struct vmem_ops {
     void (*close)(vmem_backend_t *b);
     int (*reserve)(vmem_backend_t *b, uint64_t num_bytes, uint64_t page_bytes, uint64_t *addr,
                    vmem_err_t *err);
-    void (*release)(vmem_backend_t *b, uint64_t addr, uint64_t num_bytes);
+    /* unmap whatever r->table says is mapped and free the range; r->lock held */
+    void (*release)(vmem_resv_t *r);
     int (*pool_open)(vmem_pool_t *p, vmem_err_t *err);
     int (*pool_grow)(vmem_pool_t *p, int64_t new_num_pages, vmem_err_t *err);
     int (*pool_trim)(vmem_pool_t *p, int64_t phys, int64_t n, vmem_err_t *err);

@@ -170,6 +170,11 @@ int vmem_worker_close(vmem_worker_t *w);
 int vmem_raw_host_map(vmem_pool_t *p, uint64_t base, const int64_t *virt, const int64_t *phys, int64_t n,
                       uint64_t page_bytes);
 int vmem_raw_host_unmap(uint64_t base, const int64_t *virt, int64_t n, uint64_t page_bytes);
+/* The same for the cuda backend: per page cuMemMap then cuMemSetAccess; ns[0] += ns spent in cuMemMap,
+ * ns[1] += ns in cuMemSetAccess. Unmap: one cuMemUnmap per page. VMEM_ERR_INVALID on a host pool. */
+int vmem_raw_cuda_map(vmem_pool_t *p, uint64_t base, const int64_t *virt, const int64_t *phys, int64_t n,
+                      uint64_t page_bytes, uint64_t *ns);
+int vmem_raw_cuda_unmap(vmem_backend_t *b, uint64_t base, const int64_t *virt, int64_t n, uint64_t page_bytes);
 /* Number of lines in /proc/self/maps (VMAs of the process), -1 on error. */
 int64_t vmem_count_process_mappings(void);
 
