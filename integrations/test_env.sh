@@ -53,7 +53,7 @@ base_venv() {
         "$venv/bin/pip" install -q -U pip
     fi
     echo "$TORCH_PIN" > "$venv/torch-constraint.txt"
-    "$venv/bin/pip" install -q "$TORCH_PIN" cffi numpy setuptools wheel "pytest>=8" "pytest-timeout>=2.3"
+    "$venv/bin/pip" install -q "$TORCH_PIN" cffi numpy setuptools wheel "pytest>=8" "pytest-timeout>=2.3" "hypothesis>=6.100"
 }
 
 # vmem itself: a regular (non-editable) build so the in-place extension of the main .venv is untouched.

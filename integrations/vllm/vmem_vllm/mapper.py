@@ -94,7 +94,8 @@ class BlockMapper:
             if arr.min() < 1 or arr.max() >= self.layout.num_virtual_blocks:
                 raise VmemInvalidArgument("block ids of %r outside [1, %d): %s"
                                           % (req_id, self.layout.num_virtual_blocks, ids))
-            self._newly_live.extend(arr[self._live[arr] == 0].tolist())
+            kept = set(old)
+            self._newly_live.extend(b for b in arr[self._live[arr] == 0].tolist() if b not in kept)
             np.add.at(self._live, arr, 1)
             self._req_blocks[req_id] = ids
 

@@ -1,0 +1,232 @@
+"""vmem's vLLM plugin driven through vLLM 0.33.0's real classes on a CPU-only machine (no model runs).
+
+Run by integrations/test_env.sh (``make test-integrations``) in its own venv. Exercised for real: the
+``vllm.general_plugins`` entry point, vLLM's KV cache config builder (``get_kv_cache_configs``) and
+``create_kv_cache_views``, the v1 ``Scheduler`` / ``KVCacheManager`` / ``BlockPool`` step loop
+(schedule -> update_from_output -> decode -> finish / abort / preempt). Stood in for: the model runner
+(K/V are written at the slots vLLM's block tables give, as ``reshape_and_cache_flash`` would).
+"""
+
+import pytest
+
+vllm = pytest.importorskip("vllm")
+pytestmark = pytest.mark.integration
+
+import torch  # noqa: E402
+from vllm import SamplingParams  # noqa: E402
+from vllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, VllmConfig  # noqa: E402
+from vllm.v1.core.kv_cache_planning import get_global_kv_cache_groups, get_kv_cache_configs  # noqa: E402
+from vllm.v1.core.kv_cache_utils import generate_scheduler_kv_cache_config  # noqa: E402
+from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
+from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
+from vllm.v1.kv_cache_layout import KVCacheLayout  # noqa: E402
+from vllm.v1.outputs import ModelRunnerOutput  # noqa: E402
+from vllm.v1.request import Request, RequestStatus  # noqa: E402
+from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
+
+import vmem_vllm  # noqa: E402
+from vmem_vllm.worker import virtualize_kv_cache_configs  # noqa: E402
+
+BLOCK = 16
+HEADS, HEAD_DIM = 2, 64            # a block of one layer: 16 tokens x 2 heads x (K+V) 128 x fp16 = 8 KiB
+LAYERS = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
+MAX_LEN, MAX_SEQS = 256, 4
+
+CONFIG_JSON = """{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
+ "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+ "head_dim": 64, "vocab_size": 1000, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5,
+ "torch_dtype": "float16", "bos_token_id": 1, "eos_token_id": 2}"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def plugin():
+    vllm.plugins.load_general_plugins()          # the real entry-point path
+    yield
+
+
+def make_engine(tmp_path, layout="LBHNC", physical_blocks=20):
+    """What vLLM's EngineCore does before serving: configs, worker KV allocation, scheduler."""
+    model_dir = tmp_path / "tiny"
+    model_dir.mkdir(exist_ok=True)
+    (model_dir / "config.json").write_text(CONFIG_JSON)
+    sc = SchedulerConfig(max_num_seqs=MAX_SEQS, max_num_batched_tokens=128, max_model_len=MAX_LEN,
+                         enable_chunked_prefill=True, is_encoder_decoder=False)
+    mc = ModelConfig(model=str(model_dir), dtype="float16", seed=0, skip_tokenizer_init=True, max_model_len=MAX_LEN)
+    cc = CacheConfig(block_size=BLOCK, gpu_memory_utilization=0.9, cache_dtype="auto", enable_prefix_caching=True)
+    vc = VllmConfig(scheduler_config=sc, model_config=mc, cache_config=cc, device_config=DeviceConfig(device="cpu"))
+    cc.kv_cache_layout = layout                  # as resolve_kv_cache_layout would
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=HEADS, head_size=HEAD_DIM, dtype=torch.float16)
+    specs = [dict.fromkeys(LAYERS, spec)]
+    memory = [spec.page_size_bytes * len(LAYERS) * (physical_blocks + 1)]
+    configs = vllm.v1.engine.core.get_kv_cache_configs(vc, specs, memory, get_global_kv_cache_groups(vc, specs))
+    kv = vllm.v1.worker.utils.allocate_kv_cache(configs[0], torch.device("cpu"), KVCacheLayout[layout])
+    mapper = vmem_vllm.MAPPERS[-1]
+    sched_cfg = generate_scheduler_kv_cache_config(configs)
+    cc.num_gpu_blocks = sched_cfg.num_blocks
+    sched = Scheduler(vllm_config=vc, kv_cache_config=sched_cfg, structured_output_manager=StructuredOutputManager(vc),
+                      block_size=BLOCK, log_stats=True)
+    return vc, configs[0], kv, mapper, sched
+
+
+def request(i, prompt_len, max_tokens):
+    sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    sp.update_from_generation_config({}, eos_token_id=2)
+    return Request(request_id=str(i), prompt_token_ids=[3 + (i * 7 + t) % 900 for t in range(prompt_len)],
+                   sampling_params=sp, pooling_params=None)
+
+
+class FakeForward:
+    """Stands in for the model runner's KV write: token p of request r gets the value code(r, p) in every
+    K and V element, at the slot vLLM's block table gives (block_ids[p // 16], p % 16)."""
+
+    def __init__(self, kv):
+        self.kv = kv
+        self.written = {}                          # req_id -> tokens written
+
+    @staticmethod
+    def code(req_id, pos):
+        return float((int(req_id) * 251 + pos) % 1000) / 8
+
+    def run(self, sched, out):
+        for req_id, n in out.num_scheduled_tokens.items():
+            blocks = sched.kv_cache_manager.get_block_ids(req_id)[0]
+            start = sched.requests[req_id].num_computed_tokens - n    # the scheduler advanced it already
+            for pos in range(start, start + n):
+                for view in self.kv.values():       # [num_blocks, heads, block_size, 2*head_dim]
+                    view[blocks[pos // BLOCK], :, pos % BLOCK, :] = self.code(req_id, pos)
+            self.written[req_id] = start + n
+
+    def check(self, sched, req_id):
+        blocks = sched.kv_cache_manager.get_block_ids(req_id)[0]
+        for pos in range(self.written[req_id]):
+            for view in self.kv.values():
+                got = view[blocks[pos // BLOCK], :, pos % BLOCK, :]
+                assert torch.all(got == self.code(req_id, pos)), (req_id, pos)
+
+
+def step(sched, mapper, forward, sampled=5):
+    out = sched.schedule()
+    mapper.apply_scheduler_output(out)             # what the patched Worker.execute_model does first
+    forward.run(sched, out)
+    ids = list(out.num_scheduled_tokens)
+    sched.update_from_output(out, ModelRunnerOutput(req_ids=ids, req_id_to_index={r: k for k, r in enumerate(ids)},
+                                                    sampled_token_ids=[[sampled] for _ in ids]))
+    mapper.check_integrity()
+    sched.kv_cache_manager.vmem_slots.check()
+    return out
+
+
+def assert_contiguous(sched, table, req_id):
+    ids = sched.kv_cache_manager.get_block_ids(req_id)[0]
+    slot = table.slot_of_request(req_id)
+    assert ids == table.layout.block_ids(slot, 0, len(ids))
+
+
+def test_entry_point_installs_the_patches():
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.worker.gpu_worker import Worker
+
+    assert getattr(KVCacheManager.__init__, "_vmem", False)
+    assert getattr(Worker.execute_model, "_vmem", False)
+    assert hasattr(vllm.v1.engine.core.get_kv_cache_configs, "__wrapped__")
+    assert vllm.v1.worker.gpu_model_runner.allocate_kv_cache is vllm.v1.worker.utils.allocate_kv_cache
+
+
+@pytest.mark.parametrize("layout", ["LBHNC", "BLHNC"])
+def test_views_match_vllm_and_touch_nothing(tmp_path, layout):
+    vc, cfg, kv, mapper, sched = make_engine(tmp_path, layout)
+    assert cfg.num_blocks == 1 + MAX_SEQS * (MAX_LEN // BLOCK)
+    assert vc.cache_config.enable_prefix_caching is False           # the plugin turned it off
+    original = vllm.v1.worker.utils.allocate_kv_cache.keywords["_original"]
+    dense = original(cfg, torch.device("cpu"), KVCacheLayout[layout])
+    for name in LAYERS:
+        assert kv[name].shape == dense[name].shape and kv[name].stride() == dense[name].stride()
+        assert kv[name].dtype == dense[name].dtype == torch.float16
+        assert kv[name].data_ptr() - mapper.reservation.address == dense[name].data_ptr() - dense[LAYERS[0]].data_ptr() \
+            + (kv[LAYERS[0]].data_ptr() - mapper.reservation.address)
+    # only the null block is backed
+    assert mapper.reservation.mapped_pages == mapper.block_pages.pages_per_block
+    assert mapper.pool.resident_bytes() <= mapper.block_pages.pages_per_block * mapper.block_pages.page_bytes
+
+
+def test_scheduler_loop_gives_contiguous_blocks_and_kv_lands_in_vmem(tmp_path):
+    vc, cfg, kv, mapper, sched = make_engine(tmp_path)
+    table = sched.kv_cache_manager.vmem_slots
+    forward = FakeForward(kv)
+    for i, n in enumerate([40, 70, 20]):
+        sched.add_request(request(i, n, max_tokens=30))
+    out = step(sched, mapper, forward)
+    assert out.num_scheduled_tokens == {"0": 40, "1": 70, "2": 18}           # 128-token budget: chunked
+    assert [r.block_ids[0] for r in out.scheduled_new_reqs] == [[1, 2, 3], [17, 18, 19, 20, 21], [33, 34]]
+    steps, finished = 1, set()
+    while sched.has_requests():
+        for req_id in list(sched.requests):
+            if sched.requests[req_id].status == RequestStatus.RUNNING:
+                assert_contiguous(sched, table, req_id)
+                forward.check(sched, req_id)
+        out = step(sched, mapper, forward)
+        finished |= out.finished_req_ids
+        steps += 1
+        assert table.num_used_blocks <= table.num_physical_blocks
+        assert sched.kv_cache_manager.usage == pytest.approx(table.num_used_blocks / table.num_physical_blocks)
+    assert steps == 31                                               # request 2 prefilled in two chunks
+    # the pages vLLM wrote through hold the data: read it from the reservation directly
+    raw = mapper.reservation.tensor(torch.float16, (mapper.reservation.num_bytes // 2,))
+    assert float(raw[(1 * 8192) // 2]) == FakeForward.code("0", 0)          # layer 0, block 1, head 0, token 0
+    finished |= step(sched, mapper, forward).finished_req_ids      # the last finishes reach the worker
+    assert finished == {"0", "1", "2"}
+    s = mapper.stats()
+    assert s["live_blocks"] == 0 and s["reclaimable_blocks"] == s["mapped_blocks"] == 5 + 7 + 4     # 70, 100, 50 tokens
+    assert table.num_used_blocks == 0 and table.num_free_slots == MAX_SEQS
+
+
+def test_finished_slot_is_reused_without_mapping(tmp_path):
+    vc, cfg, kv, mapper, sched = make_engine(tmp_path)
+    forward = FakeForward(kv)
+    sched.add_request(request(0, 40, max_tokens=2))
+    while sched.has_requests():
+        step(sched, mapper, forward)
+    step(sched, mapper, forward)                                    # the finish reaches the worker
+    calls = mapper.stats()["map_calls"]
+    sched.add_request(request(1, 33, max_tokens=2))
+    out = step(sched, mapper, forward)
+    assert out.scheduled_new_reqs[0].block_ids[0] == [1, 2, 3]      # slot 0 again
+    assert mapper.stats()["map_calls"] == calls and mapper.stats()["blocks_reused"] == 3
+
+
+def test_preemption_abort_and_admission_by_physical_blocks(tmp_path):
+    vc, cfg, kv, mapper, sched = make_engine(tmp_path, physical_blocks=17)   # vLLM wants >= one max-len request
+    table = sched.kv_cache_manager.vmem_slots
+    forward = FakeForward(kv)
+    for i in range(4):
+        sched.add_request(request(i, 40, max_tokens=100))           # 3 blocks each, growing to 9
+    preempted, peak = set(), 0
+    for _ in range(400):
+        if not sched.has_requests():
+            break
+        out = step(sched, mapper, forward)
+        preempted |= set(out.preempted_req_ids or ())
+        peak = max(peak, table.num_used_blocks)
+        assert mapper.stats()["mapped_blocks"] <= 17
+        if "3" in sched.requests and sched.requests["3"].num_output_tokens == 5:
+            sched.finish_requests("3", RequestStatus.FINISHED_ABORTED)
+    assert not sched.has_requests()
+    assert preempted, "the physical budget should have forced preemption"
+    assert peak <= 17
+    step(sched, mapper, forward)
+    assert table.num_used_blocks == 0 and mapper.stats()["live_blocks"] == 0
+    assert mapper.stats()["blocks_unmapped"] > 0                     # idle blocks were taken back
+    assert mapper.reservation.mapped_pages == (mapper.stats()["mapped_blocks"] + 1) * mapper.block_pages.pages_per_block
+
+
+def test_refuses_what_it_cannot_do(tmp_path):
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+
+    from vmem.errors import VmemInvalidArgument
+
+    vc, cfg, kv, mapper, sched = make_engine(tmp_path)
+    with pytest.raises(VmemInvalidArgument, match="layout"):
+        vmem_vllm.worker.allocate_kv_cache(cfg, torch.device("cpu"), KVCacheLayout.LHBNC)
+    with pytest.raises(VmemInvalidArgument, match="prefix caching"):
+        KVCacheManager(generate_scheduler_kv_cache_config([cfg]), max_model_len=MAX_LEN, scheduler_block_size=BLOCK,
+                       hash_block_size=BLOCK, enable_caching=True)
