@@ -199,10 +199,8 @@ def test_native_failure_mid_step_rolls_back(nth):
         c.check_integrity()
 
 
-@pytest.mark.xfail(reason="native map rollback un-counts memfd pages that earlier runs populated, so they stay "
-                          "allocated and trim skips them (vmem/_native/map.c); reported to the native layer",
-                   strict=False)
 def test_failed_map_leaves_no_memory_behind():
+    """Runs mapped (and populated) before the failing one are rolled back and their memory trimmed."""
     with cache(pages=12) as c:
         s = c.alloc_slot()
         c.reservation.inject_fault(2)                 # the second of four runs fails

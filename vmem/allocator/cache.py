@@ -103,6 +103,7 @@ class VirtualKVCache(SlotCache):
         self._clock = 0
         self._mapper = self._backend.async_mapper() if async_map else None
         self._pending = None      # (ticket, virt, phys, slots, columns before) of a prefetch in flight
+        self._eager_leftovers = set()   # eager mode: free slots whose unmap failed (pages kept, reclaimable)
         self._counters.update(prefetch_pages=0, prefetch_failures=0, async_wait_seconds=0.0, trimmed_pages=0)
 
     # ---- views ----------------------------------------------------------------------------
@@ -145,10 +146,12 @@ class VirtualKVCache(SlotCache):
         self._settle()
         self._clock += 1
         self._freed_at[slot] = self._clock
+        self._eager_leftovers.discard(slot)
         if self.reclaim == "eager" and self._columns[slot]:
             try:
                 self._shrink({slot: 0}, trim=True)
             except VmemError as exc:   # e.g. the mapping budget: keep the pages as deferred, lose nothing
+                self._eager_leftovers.add(slot)
                 logger.warning("eager unmap of slot %d failed (%s); its pages stay mapped until reclaimed", slot, exc)
 
     # ---- planning (pure) ------------------------------------------------------------------
@@ -390,8 +393,10 @@ class VirtualKVCache(SlotCache):
             problems.append("live slots %s have fewer mapped columns than their lengths need" % short.tolist())
         if np.any(self._lengths[~self._live]):
             problems.append("a free slot has a length")
-        if self.reclaim == "eager" and np.any(self._columns[~self._live]):
-            problems.append("eager reclamation left pages in free slots")
+        if self.reclaim == "eager":
+            left = set(np.flatnonzero(~self._live & (self._columns > 0)).tolist()) - self._eager_leftovers
+            if left:
+                problems.append("eager reclamation left pages in free slots %s" % sorted(left))
         s = self.stats()
         if s.used_pages + s.reclaimable_pages + s.free_pages != s.total_pages or s.mapped_pages != table.num_used:
             problems.append("used %d + reclaimable %d + free %d != %d pages, or mapped %d != page table %d"
