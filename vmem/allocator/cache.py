@@ -12,7 +12,8 @@ process stays far below vm.max_map_count.
 
 Reclamation: ``deferred`` (default) leaves a finished request's pages mapped in its slot; the next request
 there reuses them without a map call, and idle slots give pages back (tail columns first, slots in
-ReclaimPolicy order) only when the pool runs dry. ``eager`` unmaps at free_slot and returns the memory to
+ReclaimPolicy order) only when the pool runs dry, followed by live slots' columns beyond their length
+(pages a short request inherited from a longer one). ``eager`` unmaps at free_slot and returns the memory to
 the OS (host: trim punches the memfd hole).
 
 Async: ``prefetch(needs)`` plans the next step from free pages only and hands the batch to the native
@@ -54,7 +55,8 @@ class VirtualKVCache(SlotCache):
       2. every row of slot s has exactly columns[s] mapped pages, and they are its first ones;
       3. a live slot's columns cover its length: columns[s] >= row_pages_for_tokens(length[s]);
          a free slot has length 0, and in eager mode no pages;
-      4. used + reclaimable + free == pool pages (used: live slots' pages, reclaimable: idle slots');
+      4. used + reclaimable + free == pool pages (used: the columns covering live slots' lengths;
+         reclaimable: idle slots' pages and live slots' columns beyond their lengths);
       5. the backend agrees: its own table reads back as ours, it holds as many mappings as our runs
          imply, and the OS backs exactly the resident pool pages (host: memfd st_blocks).
     """
@@ -162,9 +164,17 @@ class VirtualKVCache(SlotCache):
         grows = target > current
         return slots[grows], current[grows], target[grows]
 
-    def _reclaimable_pages(self) -> int:
-        idle = ~self._live
-        return int(self._columns[idle].sum()) * self.spec.rows_per_slot
+    def _protected_columns(self, slots=None, tokens=None) -> np.ndarray:
+        """[max_batch] int64: columns each slot must keep: those covering a live slot's length, or the
+        tokens a pending step(needs) asks for; every other mapped column is reclaimable."""
+        protected = np.where(self._live, self.spec.row_pages_for_tokens_array(self._lengths), 0)
+        if slots is not None and slots.size:
+            protected[slots] = np.maximum(protected[slots], self.spec.row_pages_for_tokens_array(tokens))
+        return protected
+
+    def _reclaimable_pages(self, protected: np.ndarray | None = None) -> int:
+        protected = self._protected_columns() if protected is None else protected
+        return int(np.maximum(self._columns - protected, 0).sum()) * self.spec.rows_per_slot
 
     def pages_needed(self, needs: Mapping[int, int]) -> int:
         """Pool pages step(needs) would map (pages already mapped in the slots count as there)."""
@@ -172,18 +182,33 @@ class VirtualKVCache(SlotCache):
         _, current, target = self._growth(slots, tokens)
         return int((target - current).sum()) * self.spec.rows_per_slot
 
+    def can_allocate(self, needs: Mapping[int, int]) -> bool:
+        """Whether step(needs) would succeed now: free pages plus pages it may take back (no side effects)."""
+        slots, tokens = self._parse_needs(needs)
+        _, current, target = self._growth(slots, tokens)
+        needed = int((target - current).sum()) * self.spec.rows_per_slot
+        return needed <= self._table.num_free + self._reclaimable_pages(self._protected_columns(slots, tokens))
+
     def _available_pages(self) -> int:
         return self._table.num_free + self._reclaimable_pages()
 
-    def _plan_reclaim(self, shortfall_pages: int) -> dict[int, int]:
-        """{idle slot: columns it keeps} freeing at least ``shortfall_pages`` pages, in policy order."""
+    def _plan_reclaim(self, shortfall_pages: int, protected: np.ndarray) -> dict[int, int]:
+        """{slot: columns it keeps} freeing at least ``shortfall_pages`` pages.
+
+        Idle slots first, in ReclaimPolicy order; then the unused tail columns of live slots (a request
+        that inherited a longer one's pages in a deferred slot), largest tail first. Tail columns go first.
+        """
         rows = self.spec.rows_per_slot
         idle = np.flatnonzero(~self._live & (self._columns > 0))
+        excess = np.maximum(self._columns - protected, 0)
+        live = np.flatnonzero(self._live & (excess > 0))
+        order = self.reclaim_policy.order(idle, self._columns, self._freed_at)
+        order += [int(s) for s in live[np.argsort(-excess[live], kind="stable")]]
         shrink = {}
-        for slot in self.reclaim_policy.order(idle, self._columns, self._freed_at):
+        for slot in order:
             if shortfall_pages <= 0:
                 break
-            take = min(int(self._columns[slot]), -(-shortfall_pages // rows))
+            take = min(int(excess[slot]), -(-shortfall_pages // rows))
             shrink[slot] = int(self._columns[slot]) - take
             shortfall_pages -= take * rows
         return shrink
@@ -259,11 +284,12 @@ class VirtualKVCache(SlotCache):
                                 0).sum()) * rows
         free = self._table.num_free
         if needed > free:
-            available = free + self._reclaimable_pages()
+            protected = self._protected_columns(slots, tokens)
+            available = free + self._reclaimable_pages(protected)
             if needed > available:
                 raise VmemOutOfMemory("vmem.step: %d pages needed, %d free or reclaimable" % (needed, available),
                                       needed_pages=needed, free_pages=available, op="vmem.step")
-            self._reclaim_for(needed - free)
+            self._reclaim_for(needed - free, protected)
         if needed:
             virt, phys = self._place(g_slots, g_from, g_to)
             try:
@@ -280,8 +306,8 @@ class VirtualKVCache(SlotCache):
 
     _reclaimed = None
 
-    def _reclaim_for(self, shortfall_pages: int) -> None:
-        keep = self._plan_reclaim(shortfall_pages)
+    def _reclaim_for(self, shortfall_pages: int, protected: np.ndarray) -> None:
+        keep = self._plan_reclaim(shortfall_pages, protected)
         before = {s: int(self._columns[s]) for s in keep}
         virt, phys = self._shrink(keep, trim=False)
         self._counters["reclaimed_pages"] += int(virt.size)
@@ -310,10 +336,12 @@ class VirtualKVCache(SlotCache):
             self._columns[s] = cols
 
     def reclaim_idle(self) -> int:
-        """Unmap every idle slot's pages now and return their memory to the OS. Returns pages released."""
+        """Unmap every reclaimable page now (idle slots' pages, live slots' columns beyond their length)
+        and return the memory to the OS. Returns the pages released."""
         self._check_open()
         self._settle()
-        keep = {int(s): 0 for s in np.flatnonzero(~self._live & (self._columns > 0))}
+        protected = self._protected_columns()
+        keep = {int(s): int(protected[s]) for s in np.flatnonzero(self._columns > protected)}
         virt, _ = self._shrink(keep, trim=True)
         self._counters["reclaimed_pages"] += int(virt.size)
         return int(virt.size)
@@ -364,8 +392,8 @@ class VirtualKVCache(SlotCache):
     # ---- statistics and checks --------------------------------------------------------------
     def stats(self) -> CacheStats:
         rows = self.spec.rows_per_slot
-        used = int(self._columns[self._live].sum()) * rows
-        reclaimable = int(self._columns[~self._live].sum()) * rows
+        reclaimable = self._reclaimable_pages()
+        used = int(self._columns.sum()) * rows - reclaimable
         return self._stats(page_bytes=self.spec.page_bytes, total_pages=self.num_pool_pages, used_pages=used,
                            reclaimable_pages=reclaimable, os_mappings=int(self._reservation.num_mappings))
 
