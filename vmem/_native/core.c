@@ -26,8 +26,10 @@
 #define VMEM_VERSION "unknown"
 #endif
 
+/* pre: none. The version this extension was built for (vmem/_version.py). */
 const char *vmem_version(void) { return VMEM_VERSION; }
 
+/* pre: none (err may be NULL). */
 void _vmem_err_set(vmem_err_t *err, int status, int detail, int64_t os_error, int64_t index)
 {
     if (!err) return;
@@ -37,12 +39,14 @@ void _vmem_err_set(vmem_err_t *err, int status, int detail, int64_t os_error, in
     err->index = index;
 }
 
+/* pre: status != VMEM_OK. Fills err, returns status. */
 int _vmem_fail(vmem_err_t *err, int status, int detail, int64_t index)
 {
     _vmem_err_set(err, status, detail, 0, index);
     return status;
 }
 
+/* pre: path names a file holding one integer; -1 when unreadable. */
 int64_t _vmem_read_sysctl(const char *path)
 {
     FILE *f = fopen(path, "r");
@@ -55,6 +59,7 @@ int64_t _vmem_read_sysctl(const char *path)
 
 /* ------------------------------------------------------------------ backend */
 
+/* pre: none; NULL for an unknown kind. */
 static const vmem_ops_t *ops_for(int kind)
 {
     if (kind == VMEM_KIND_HOST) return &vmem_host_ops;
@@ -88,6 +93,7 @@ int vmem_backend_open(int kind, int device, vmem_backend_t **out, vmem_err_t *er
     return VMEM_OK;
 }
 
+/* pre: the caller holds a reference to b; frees b with the last one. */
 void _vmem_backend_drop(vmem_backend_t *b)
 {
     if (atomic_fetch_sub(&b->refs, 1) != 1) return;
@@ -149,8 +155,10 @@ int _vmem_budget_take(vmem_backend_t *b, int64_t delta, vmem_err_t *err)
 
 /* ------------------------------------------------------------------ reservation */
 
+/* pre: the caller holds a reference to r. */
 void _vmem_resv_retain(vmem_resv_t *r) { atomic_fetch_add(&r->refs, 1); }
 
+/* pre: the caller holds a reference to r; frees r with the last one. */
 void _vmem_resv_drop(vmem_resv_t *r)
 {
     if (atomic_fetch_sub(&r->refs, 1) != 1) return;
@@ -160,6 +168,7 @@ void _vmem_resv_drop(vmem_resv_t *r)
     free(r);
 }
 
+/* pre: b != NULL. */
 int _vmem_check_page_bytes(vmem_backend_t *b, uint64_t page_bytes, vmem_err_t *err)
 {
     if (page_bytes == 0 || page_bytes % b->granularity != 0)
@@ -223,7 +232,8 @@ int64_t _vmem_phys_of(uint64_t entry)
     return (int64_t)(entry & (((uint64_t)1 << VMEM_ENTRY_SHIFT) - 1));
 }
 
-/* Give back the pins of `n` mappings of pool pages listed in entries[]. */
+/* pre: entries[0..n) were pinned by vmem_map and are no longer in any table; no resv lock needed. Give
+ * back the pins of `n` mappings of pool pages listed in entries[]. */
 void _vmem_unpin_entries(vmem_backend_t *b, const uint64_t *entries, int64_t n)
 {
     int64_t i = 0;
@@ -277,7 +287,7 @@ int vmem_release(vmem_resv_t *r)
 /* pre: r, out != NULL. */
 int vmem_resv_info(vmem_resv_t *r, vmem_resv_info_t *out)
 {
-    int64_t runs = 0, i;
+    int64_t runs = 0;
     if (!r || !out) return VMEM_ERR_INVALID;
     pthread_mutex_lock(&r->lock);
     out->address = r->addr;
@@ -294,7 +304,6 @@ int vmem_resv_info(vmem_resv_t *r, vmem_resv_info_t *out)
             int first_mapped = r->table[0] != 0;
             runs = first_mapped ? (segments + 1) / 2 : segments / 2;
         }
-        (void)i;
         out->num_mappings = runs;
     }
     out->map_calls = r->map_calls;

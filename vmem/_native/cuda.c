@@ -104,12 +104,14 @@ static struct {
 
 static pthread_once_t cu_once = PTHREAD_ONCE_INIT;
 
+/* pre: cu.lib open; b (may be NULL) is the preferred versioned name. */
 static void *sym(const char *a, const char *b)
 {
     void *f = b ? dlsym(cu.lib, b) : NULL;
     return f ? f : dlsym(cu.lib, a);
 }
 
+/* pre: called once, through pthread_once. */
 static void cu_load(void)
 {
     cu.lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
@@ -147,6 +149,7 @@ typedef struct {
     CUmemAccessDesc access;
 } cuda_priv_t;
 
+/* pre: none. CUresult -> VMEM status. */
 static int cu_status(CUresult r)
 {
     if (r == CUDA_SUCCESS) return VMEM_OK;
@@ -157,6 +160,7 @@ static int cu_status(CUresult r)
     return VMEM_ERR_DRIVER;
 }
 
+/* pre: r != CUDA_SUCCESS. */
 static int cu_fail(vmem_err_t *err, CUresult r)
 {
     int st = cu_status(r);
@@ -265,6 +269,7 @@ static void cuda_release(vmem_resv_t *r)
     cu.cuMemAddressFree(r->addr, (size_t)r->num_bytes);
 }
 
+/* pre: p a cuda pool, p->lock held or p private. */
 static CUmemGenericAllocationHandle *handles(vmem_pool_t *p) { return p->priv; }
 
 /* Create handles for pages [from, to). pre: p->lock held or p private; arrays hold `to` pages. */

@@ -75,6 +75,7 @@ int64_t vmem_count_process_mappings(void)
     return lines;
 }
 
+/* pre: none; 0 when the default huge page size is not 2 MiB or none are free. */
 static int64_t hugetlb_free_pages_2m(void)
 {
     FILE *f = fopen("/proc/meminfo", "r");
@@ -89,6 +90,7 @@ static int64_t hugetlb_free_pages_2m(void)
     return size_kb == 2048 ? v : 0;
 }
 
+/* pre: none. Is shmem THP in "advise" mode (MADV_HUGEPAGE helps)? */
 static int thp_shmem_advise(void)
 {
     FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/shmem_enabled", "r");
@@ -223,6 +225,7 @@ static int host_pool_trim(vmem_pool_t *p, int64_t phys, int64_t n, vmem_err_t *e
     return VMEM_OK;
 }
 
+/* pre: p->lock held. */
 static void host_pool_close(vmem_pool_t *p)
 {
     if (p->fd >= 0) close(p->fd);   /* mappings keep the file alive until unmapped */

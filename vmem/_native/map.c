@@ -15,6 +15,7 @@ typedef struct {
     int64_t index;    /* position in the caller's batch, for error reports */
 } pair_t;
 
+/* pre: a, b point to pair_t (qsort comparator by virt). */
 static int cmp_pair(const void *a, const void *b)
 {
     int64_t x = ((const pair_t *)a)->virt, y = ((const pair_t *)b)->virt;
@@ -45,7 +46,8 @@ static int64_t breaks_near(const vmem_resv_t *r, const pair_t *s, int64_t n)
     return total;
 }
 
-/* Copy the batch into pairs sorted by virt; reject out-of-range and duplicate virtual pages. */
+/* pre: r->lock held; n > 0; phys may be NULL (unmap). Copy the batch into pairs sorted by virt; reject
+ * out-of-range and duplicate virtual pages. */
 static int sorted_pairs(const vmem_resv_t *r, const int64_t *virt, const int64_t *phys, int64_t n,
                         pair_t **out, vmem_err_t *err)
 {
@@ -76,13 +78,15 @@ static int sorted_pairs(const vmem_resv_t *r, const int64_t *virt, const int64_t
     return VMEM_OK;
 }
 
-/* Count one OS/driver op against the injected faults; nonzero: fail this op with that status. */
+/* pre: the owner's lock held. Count one OS/driver op against the injected faults; nonzero: fail this op
+ * with that status. */
 static int injected(int64_t *nth, int status)
 {
     if (*nth <= 0) return 0;
     return --*nth == 0 ? status : 0;
 }
 
+/* pre: r->lock held; p may be NULL (unmap). */
 static int op_fault(vmem_resv_t *r, vmem_pool_t *p, vmem_err_t *err, int64_t index)
 {
     int st = injected(&r->fault_nth, r->fault_status);
@@ -95,7 +99,8 @@ static int op_fault(vmem_resv_t *r, vmem_pool_t *p, vmem_err_t *err, int64_t ind
     return st;
 }
 
-/* Length of the run starting at s[i]: consecutive virt (and phys, when the backend needs it). */
+/* pre: 0 <= i < n; s sorted by virt; ph[k] is the physical page of s[k]. Length of the run starting at
+ * s[i]: consecutive virt (and phys, when the backend needs it). */
 static int64_t run_length(const vmem_resv_t *r, const pair_t *s, int64_t i, int64_t n, const int64_t *ph)
 {
     int64_t j = i + 1;

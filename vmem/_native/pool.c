@@ -8,8 +8,10 @@
 #include "internal.h"
 
 
+/* pre: the caller holds a reference to p. */
 void _vmem_pool_retain(vmem_pool_t *p) { atomic_fetch_add(&p->refs, 1); }
 
+/* pre: the caller holds a reference to p; frees p (and drops its backend) with the last one. */
 void _vmem_pool_drop(vmem_pool_t *p)
 {
     vmem_backend_t *b;

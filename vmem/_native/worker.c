@@ -51,6 +51,7 @@ struct vmem_worker {
     int closing;
 };
 
+/* pre: w->lock held. */
 static job_t *next_queued(vmem_worker_t *w)
 {
     job_t *j;
@@ -59,6 +60,7 @@ static job_t *next_queued(vmem_worker_t *w)
     return NULL;
 }
 
+/* pre: arg is the vmem_worker_t that started this thread. */
 static void *worker_main(void *arg)
 {
     vmem_worker_t *w = arg;
@@ -119,6 +121,7 @@ int vmem_worker_create(vmem_worker_t **out)
     return VMEM_OK;
 }
 
+/* pre: is_map => p, phys given; the arrays hold n entries (copied here). */
 static int submit(vmem_worker_t *w, int is_map, vmem_resv_t *r, vmem_pool_t *p, const int64_t *virt,
                   const int64_t *phys, int64_t n, uint64_t *ticket)
 {
