@@ -55,3 +55,21 @@ def test_context_managers_and_close(host_backend):
     with pytest.raises(VmemClosedError):
         p.grow(1)
     r.close()  # idempotent
+
+
+def test_stale_extension_is_refused():
+    """The extension's version stamp must equal the package's, else import fails loudly."""
+    import subprocess
+    import sys
+
+    code = ("import importlib, vmem._version as v, vmem.backends._ffi as f\n"
+            "v.__version__ = '0.0.0-other'\n"
+            "try:\n    importlib.reload(f)\nexcept ImportError as e:\n    print('REFUSED', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert "REFUSED" in out and "stale" in out and "0.0.0-other" in out
+
+
+def test_backend_info_reports_limits(host_backend):
+    info = host_backend.info()
+    assert info["max_map_count"] > 0 and 0 < info["map_budget"] < info["max_map_count"]
+    assert info["granularity_bytes"] % 4096 == 0
