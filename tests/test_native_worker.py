@@ -84,3 +84,11 @@ def test_done_polls_without_blocking(host_backend, host_resv, host_pool):
         m.wait(m.submit(host_resv, [200], host_pool, [200]))
         assert m.done(t)  # FIFO: the later job finished, so the earlier one did
         m.wait(t)
+
+
+def test_a_ticket_is_waited_once(host_backend, host_resv, host_pool):
+    with host_backend.async_mapper() as m:
+        t = m.submit(host_resv, [3], host_pool, [3])
+        m.wait(t)
+        with pytest.raises(VmemInvalidArgument, match="already waited"):
+            m.wait(t)

@@ -10,7 +10,7 @@ import threading
 
 from vmem.backends._ffi import as_pages, ffi, lib
 from vmem.backends.base import _i64
-from vmem.errors import INVALID, VmemClosedError, check, check_err
+from vmem.errors import INVALID, VmemClosedError, VmemInvalidArgument, check, check_err
 
 
 class AsyncMapper:
@@ -60,10 +60,14 @@ class AsyncMapper:
 
     def wait(self, ticket: int) -> None:
         """Block until the job ran; raise like Reservation.map/unmap if it failed (it was rolled back)."""
+        h = self._handle("wait")
+        with self._lock:  # claim the ticket first: the native wait frees the job, so only one may wait
+            job = self._jobs.pop(ticket, None)
+        if job is None:
+            raise VmemInvalidArgument("wait(%r): unknown ticket, or already waited" % (ticket,), op="wait")
+        op, _resv, _pool, n = job
         err = ffi.new("vmem_err_t *")
-        rc = lib.vmem_worker_wait(self._handle("wait"), ticket, err)
-        with self._lock:
-            op, resv, _pool, n = self._jobs.pop(ticket, ("wait", None, None, 0))
+        rc = lib.vmem_worker_wait(h, ticket, err)
         if rc:
             check_err(rc, op, err, num_pages=n, ticket=ticket, needed_pages=n)
 
