@@ -1,0 +1,108 @@
+"""vmem's SGLang plugin, its own logic, without SGLang: row geometry, arithmetic token ids, row -> slot
+bookkeeping and page accounting over a real VirtualKVCache on the host backend.
+(tests/integration/test_sglang_plugin.py drives the same code through SGLang's real classes.)"""
+
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "integrations" / "sglang"))
+
+from vmem.backends import get_backend  # noqa: E402
+from vmem.errors import VmemIntegrityError, VmemInvalidArgument  # noqa: E402
+from vmem_sglang import TokenSlots, make_cache, row_geometry  # noqa: E402
+
+PAGE = 16          # SGLang page: 16 tokens x 2 heads x 64 x fp16 = 4 KiB = one host page per K/V plane
+
+
+@pytest.fixture
+def slots():
+    cache, row_tokens = make_cache(num_rows=4, max_context_len=100, page_size=PAGE, num_tokens=96, head_num=2,
+                                   head_dim=64, layer_num=2, dtype=torch.float16, backend=get_backend("host"))
+    yield TokenSlots(cache, row_tokens)
+    cache.close()
+
+
+def test_row_geometry_rounds_to_vmem_and_sglang_pages():
+    assert row_geometry(2, 64, torch.float16, 100, 16, 4096) == 112
+    assert row_geometry(2, 64, torch.float16, 100, 32, 4096) == 128
+    assert row_geometry(1, 64, torch.float16, 10, 64, 8192) == 64
+    with pytest.raises(VmemInvalidArgument, match="--page-size 16"):
+        row_geometry(2, 64, torch.float16, 100, 8, 4096)          # 8 tokens = 2 KiB: half a vmem page
+
+
+def test_padding_row_is_slot_zero_with_its_first_page_mapped(slots):
+    spec = slots.cache.spec
+    assert slots.cache.live_slots == [0] and slots.cache.length(0) == PAGE
+    assert slots.cache.stats().used_pages == spec.rows_per_slot
+    assert slots.available_tokens() == 96
+    k, _ = slots.cache.kv(0)
+    k[0, 0].fill_(1.0)                                              # token 0 is writable (padded batches)
+
+
+def test_extend_gives_arithmetic_ids_and_maps_whole_pages(slots):
+    rt = slots.row_tokens
+    out = slots.extend([3, 1], [0, 0], [20, 5])
+    s3, s1 = slots.slot_of_row(3), slots.slot_of_row(1)
+    assert {s3, s1} == {1, 2}
+    assert out.tolist() == list(range(s3 * rt, s3 * rt + 20)) + list(range(s1 * rt, s1 * rt + 5))
+    assert slots.available_tokens() == 96 - 16 * 3                 # 2 pages + 1 page
+    out = slots.decode([s3 * rt + 19, s1 * rt + 4], [21, 6])
+    assert out.tolist() == [s3 * rt + 20, s1 * rt + 5]
+    out = slots.extend([3], [21], [40])                             # a second chunk of row 3
+    assert out.tolist() == list(range(s3 * rt + 21, s3 * rt + 40))
+    assert slots.available_tokens() == 96 - 16 * 4
+    slots.check_integrity()
+    # the data written at an id sits at [slot, pos] of the virtual tensor
+    k, _ = slots.cache.kv(1)
+    flat = k.view(-1, 2, 64)
+    flat[s3 * rt + 33] = 7.0
+    assert float(k[s3, 33, 1, 63]) == 7.0
+
+
+def test_free_releases_the_row_and_the_next_request_reuses_its_pages(slots):
+    rt = slots.row_tokens
+    slots.extend([2], [0], [40])
+    s = slots.slot_of_row(2)
+    mapped = slots.cache.stats().pages_mapped
+    assert slots.free(np.arange(s * rt + 32, s * rt + 40)) == []   # a tail alone keeps the slot
+    assert slots.free(np.arange(s * rt, s * rt + 32)) == [2]
+    assert slots.slot_of_row(2) is None
+    assert slots.cache.stats().reclaimable_pages == 3 * slots.cache.spec.rows_per_slot
+    assert slots.available_tokens() == 96                          # reclaimable counts as available
+    slots.extend([4], [0], [30])
+    assert slots.slot_of_row(4) == s                               # the mapped slot is preferred
+    assert slots.cache.stats().pages_mapped == mapped              # no map call
+    slots.check_integrity()
+
+
+def test_out_of_memory_returns_none_and_changes_nothing(slots):
+    slots.extend([1], [0], [80])
+    before = slots.cache.stats()
+    assert slots.extend([2], [0], [40]) is None                    # 5 + 3 pages > 6
+    assert slots.slot_of_row(2) is None
+    after = slots.cache.stats()
+    assert after._replace(peak_live_slots=0) == before._replace(peak_live_slots=0)
+    slots.check_integrity()
+    assert slots.decode([slots.slot_of_row(1) * slots.row_tokens + 79], [81]) is not None   # 6th page
+    assert slots.decode([slots.slot_of_row(1) * slots.row_tokens + 96], [97]) is None       # a 7th: no
+
+
+def test_bad_input_is_refused(slots):
+    with pytest.raises(VmemInvalidArgument):
+        slots.extend([1], [0], [slots.row_tokens + 1])
+    with pytest.raises(VmemInvalidArgument):
+        slots.decode([3 * slots.row_tokens], [2])                   # nobody holds slot 3
+    with pytest.raises(VmemInvalidArgument):
+        slots.free(np.array([2 * slots.row_tokens]))
+    slots.check_integrity()
+
+
+def test_integrity_check_sees_a_lost_row(slots):
+    slots.extend([1], [0], [10])
+    slots._row_of_slot.clear()
+    with pytest.raises(VmemIntegrityError):
+        slots.check_integrity()
