@@ -88,7 +88,8 @@ int vmem_backend_open(int kind, int device, vmem_backend_t **out, vmem_err_t *er
         free(b);
         return rc;
     }
-    b->map_budget_at_open = b->map_budget;
+    b->map_budget_os = b->map_budget;
+    b->map_budget_cap = INT64_MAX;
     *out = b;
     return VMEM_OK;
 }
@@ -129,7 +130,8 @@ int vmem_backend_info(vmem_backend_t *b, vmem_backend_info_t *out)
 int vmem_backend_set_map_budget(vmem_backend_t *b, int64_t budget)
 {
     if (!b || budget < 0) return VMEM_ERR_INVALID;
-    b->map_budget = budget < b->map_budget_at_open ? budget : b->map_budget_at_open;
+    b->map_budget_cap = budget;
+    b->map_budget = budget < b->map_budget_os ? budget : b->map_budget_os;
     return VMEM_OK;
 }
 
@@ -143,6 +145,11 @@ int _vmem_budget_take(vmem_backend_t *b, int64_t delta, vmem_err_t *err)
         return VMEM_OK;
     }
     used = atomic_load(b->mappings_used);
+    if (used + delta > b->map_budget && b->ops->refresh_budget) {
+        /* the rest of the process may have dropped mappings since open: look again before refusing */
+        b->ops->refresh_budget(b);
+        b->map_budget = b->map_budget_cap < b->map_budget_os ? b->map_budget_cap : b->map_budget_os;
+    }
     do {
         if (used + delta > b->map_budget) {
             _vmem_err_set(err, VMEM_ERR_MAP_LIMIT, VMEM_DETAIL_NONE, 0, -1);

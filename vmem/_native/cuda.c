@@ -382,7 +382,7 @@ static int cuda_unmap_run(vmem_resv_t *r, int64_t virt, int64_t n, vmem_err_t *e
 }
 
 const vmem_ops_t vmem_cuda_ops = {
-    VMEM_KIND_CUDA, 0, cuda_open, cuda_close, cuda_reserve, cuda_release,
+    VMEM_KIND_CUDA, 0, cuda_open, NULL, cuda_close, cuda_reserve, cuda_release,
     cuda_pool_open, cuda_pool_grow, cuda_pool_trim, cuda_pool_close, cuda_pool_resident,
     cuda_map_run, cuda_unmap_run,
 };

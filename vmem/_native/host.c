@@ -19,7 +19,8 @@
  * contiguous offsets into one VMA. A process may hold vm.max_map_count VMAs (65,530 by default); at the
  * limit even an unmap in the middle of a run fails (it splits a VMA). So core.c counts the VMAs each
  * reservation holds (breaks between mappings in its virt->phys table) and refuses with
- * VMEM_ERR_MAP_LIMIT before the kernel would fail. The budget, read at open, is
+ * VMEM_ERR_MAP_LIMIT before the kernel would fail. The budget, read at open and read again before
+ * refusing (the rest of the process may have dropped mappings meanwhile), is
  *     max_map_count - (VMAs the process holds now, less vmem's own) - headroom
  * with headroom = max(1024, max_map_count / 32) for what the rest of the process maps later
  * (override: VMEM_MAP_HEADROOM). The count of vmem's mappings is process-wide (g_host_mappings).
@@ -101,25 +102,33 @@ static int thp_shmem_advise(void)
     return strstr(buf, "[advise]") != NULL;
 }
 
+/* pre: b->mappings_used set. budget = max_map_count - (process VMAs - vmem's) - headroom, read now
+ * (sysctl and /proc/self/maps: about a millisecond; called at open and before refusing a map). */
+static void host_refresh_budget(vmem_backend_t *b)
+{
+    int64_t max_map = _vmem_read_sysctl("/proc/sys/vm/max_map_count");
+    int64_t ours = atomic_load(&g_host_mappings);
+    int64_t in_use = vmem_count_process_mappings();
+    int64_t headroom;
+    const char *env = getenv("VMEM_MAP_HEADROOM");
+    if (max_map <= 0) max_map = 65530;
+    if (in_use < 0) in_use = ours;
+    headroom = max_map / 32 > 1024 ? max_map / 32 : 1024;
+    if (env && *env) headroom = atoll(env);
+    b->max_map_count = max_map;
+    b->map_budget_os = max_map - (in_use - ours) - headroom;
+    if (b->map_budget_os < 0) b->map_budget_os = 0;
+}
+
 /* pre: b allocated by core.c. */
 static int host_open(vmem_backend_t *b, int device, vmem_err_t *err)
 {
-    int64_t max_map = _vmem_read_sysctl("/proc/sys/vm/max_map_count");
-    int64_t in_use = vmem_count_process_mappings();
-    int64_t ours = atomic_load(&g_host_mappings);
-    int64_t headroom;
-    const char *env = getenv("VMEM_MAP_HEADROOM");
     (void)device;
     (void)err;
-    if (max_map <= 0) max_map = 65530;
-    if (in_use < 0) in_use = 0;
-    headroom = max_map / 32 > 1024 ? max_map / 32 : 1024;
-    if (env && *env) headroom = atoll(env);
     b->granularity = (uint64_t)sysconf(_SC_PAGESIZE);
-    b->max_map_count = max_map;
-    b->map_budget = max_map - (in_use - ours) - headroom;
-    if (b->map_budget < 0) b->map_budget = 0;
     b->mappings_used = &g_host_mappings;
+    host_refresh_budget(b);
+    b->map_budget = b->map_budget_os;
     b->hugetlb_available = hugetlb_free_pages_2m() > 0;
     b->thp_advise = thp_shmem_advise();
     return VMEM_OK;
@@ -267,7 +276,7 @@ static int host_unmap_run(vmem_resv_t *r, int64_t virt, int64_t n, vmem_err_t *e
 }
 
 const vmem_ops_t vmem_host_ops = {
-    VMEM_KIND_HOST, 1, host_open, host_close, host_reserve, host_release,
+    VMEM_KIND_HOST, 1, host_open, host_refresh_budget, host_close, host_reserve, host_release,
     host_pool_open, host_pool_grow, host_pool_trim, host_pool_close, host_pool_resident,
     host_map_run, host_unmap_run,
 };

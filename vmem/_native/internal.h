@@ -19,6 +19,8 @@ typedef struct vmem_ops {
     int kind;
     int coalesce_phys;     /* host: one OS call needs contiguous physical pages too */
     int (*open)(vmem_backend_t *b, int device, vmem_err_t *err);
+    /* recompute b->map_budget_os from the OS now (may be NULL) */
+    void (*refresh_budget)(vmem_backend_t *b);
     void (*close)(vmem_backend_t *b);
     int (*reserve)(vmem_backend_t *b, uint64_t num_bytes, uint64_t page_bytes, uint64_t *addr,
                    vmem_err_t *err);
@@ -43,8 +45,9 @@ struct vmem_backend {
     int device;
     uint64_t granularity;
     int64_t max_map_count;
-    int64_t map_budget;
-    int64_t map_budget_at_open;
+    int64_t map_budget;                /* min(map_budget_os, map_budget_cap) */
+    int64_t map_budget_os;             /* from vm.max_map_count and the process's other mappings */
+    int64_t map_budget_cap;            /* vmem_backend_set_map_budget; INT64_MAX when unset */
     atomic_llong *mappings_used;       /* shared by every backend of this kind in the process */
     int hugetlb_available;
     int thp_advise;

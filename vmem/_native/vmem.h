@@ -105,8 +105,8 @@ const char *vmem_version(void);
 int vmem_backend_open(int kind, int device, vmem_backend_t **out, vmem_err_t *err);
 int vmem_backend_close(vmem_backend_t *b);
 int vmem_backend_info(vmem_backend_t *b, vmem_backend_info_t *out);
-/* Lower this backend's mapping budget (tests, or a process that needs VMAs of its own).
- * pre: 0 <= budget; a budget above the one computed at open is clamped to it. */
+/* Cap this backend's mapping budget (tests, or a process that needs VMAs of its own).
+ * pre: 0 <= budget; the OS-derived budget still applies when it is lower. */
 int vmem_backend_set_map_budget(vmem_backend_t *b, int64_t budget);
 
 /* ---- reservation ----

@@ -71,7 +71,7 @@ class Backend:
         }
 
     def set_map_budget(self, num_mappings: int) -> None:
-        """Lower the mapping budget (never above what was computed from vm.max_map_count at open)."""
+        """Cap the mapping budget; the one derived from vm.max_map_count still applies when lower."""
         check(lib.vmem_backend_set_map_budget(self._h, int(num_mappings)), "set_map_budget",
               num_mappings=num_mappings)
 
