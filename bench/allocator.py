@@ -89,7 +89,7 @@ def bench_step(batch: int, page_bytes: int, async_map: bool, steps: int, compute
         for _ in range(8):                              # warm-up steps
             lengths = {s: n + 1 for s, n in lengths.items()}
             cache.step(lengths)
-        before = cache.stats()
+        before, counters_before = cache.stats(), cache.counters
         times = []
         for _ in range(steps):
             lengths = {s: n + 1 for s, n in lengths.items()}
@@ -99,15 +99,16 @@ def bench_step(batch: int, page_bytes: int, async_map: bool, steps: int, compute
             if async_map:
                 cache.prefetch({s: n + 1 for s, n in lengths.items()})
             compute()
-        after = cache.stats()
-        counters = cache.counters
+        after, counters = cache.stats(), cache.counters
     times_us = np.array(times) * 1e6
     return {"batch": batch, "page_bytes": page_bytes, "async": async_map, "steps": steps,
             "step_mean_us": float(times_us.mean()), "step_p50_us": float(np.percentile(times_us, 50)),
             "step_p99_us": float(np.percentile(times_us, 99)),
             "pages_mapped": after.pages_mapped - before.pages_mapped,
-            "sync_map_seconds": after.map_seconds - before.map_seconds,
-            "prefetch_pages": counters.get("prefetch_pages", 0)}
+            # time the step itself spent mapping or waiting for the worker
+            "map_wait_seconds": (after.map_seconds - before.map_seconds)
+            + counters["async_wait_seconds"] - counters_before["async_wait_seconds"],
+            "prefetch_pages": counters["prefetch_pages"] - counters_before["prefetch_pages"]}
 
 
 def part_step(args) -> list[dict]:
@@ -121,10 +122,14 @@ def part_step(args) -> list[dict]:
                 pair[async_map] = r
                 rows.append(r)
             sync, asyn = pair[False], pair[True]
-            asyn["hidden_share"] = 1.0 - asyn["step_mean_us"] / sync["step_mean_us"] if sync["step_mean_us"] else 0.0
-            print("step  page %7d B  batch %3d  sync %8.1f us  async %8.1f us  hidden %5.1f%%"
-                  % (page_bytes, batch, sync["step_mean_us"], asyn["step_mean_us"], 100 * asyn["hidden_share"]),
-                  flush=True)
+            # share of the synchronous mapping time that the worker took off the critical path
+            asyn["hidden_share"] = (1.0 - asyn["map_wait_seconds"] / sync["map_wait_seconds"]
+                                    if sync["map_wait_seconds"] else 0.0)
+            asyn["step_speedup"] = sync["step_mean_us"] / asyn["step_mean_us"]
+            print("step  page %7d B  batch %3d  sync %8.1f us (map %6.1f)  async %8.1f us (map+wait %6.1f)  "
+                  "hidden %5.1f%%" % (page_bytes, batch, sync["step_mean_us"], 1e6 * sync["map_wait_seconds"] / args.steps,
+                                      asyn["step_mean_us"], 1e6 * asyn["map_wait_seconds"] / args.steps,
+                                      100 * asyn["hidden_share"]), flush=True)
     return rows
 
 
@@ -273,6 +278,10 @@ def part_capacity(args) -> dict:
 
 def verdicts(result: dict) -> dict:
     out = {}
+    steps = [r for r in result.get("step") or [] if r["async"]]
+    if steps:
+        out["async_hidden_share"] = {"%dK_b%d" % (r["page_bytes"] >> 10, r["batch"]): round(r["hidden_share"], 2)
+                                     for r in steps}
     dec = result.get("decode")
     if dec:
         key = [r for r in dec["rows"] if r["batch"] == 32 and r["context"] == 4096]

@@ -82,8 +82,19 @@ class SlotCache:
     def _parse_needs(self, needs: Mapping[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """needs: {slot: total tokens} -> (slots [n] int64, tokens [n] int64), validated, sorted by slot."""
         self._check_open()
-        if not isinstance(needs, Mapping):
+        if type(needs) is not dict and not isinstance(needs, Mapping):
             raise VmemInvalidArgument("needs must be a mapping {slot: num_tokens}, got %r" % (type(needs).__name__,))
+        keys, values = list(needs.keys()), list(needs.values())
+        if all(type(x) is int for x in keys) and all(type(x) is int for x in values):
+            slots = np.array(keys, dtype=np.int64)
+            tokens = np.array(values, dtype=np.int64)
+            if not slots.size:
+                return slots, tokens
+            if (slots.min() >= 0 and slots.max() < self.num_slots and self._live[slots].all()
+                    and tokens.min() >= 0 and tokens.max() <= self.spec.max_seq_len):
+                order = np.argsort(slots, kind="stable")
+                return slots[order], tokens[order]
+        # slow path: find the offending entry and raise its typed error
         items = sorted((self._check_slot(s), self.spec.check_num_tokens(n)) for s, n in needs.items())
         slots = np.fromiter((s for s, _ in items), dtype=np.int64, count=len(items))
         tokens = np.fromiter((n for _, n in items), dtype=np.int64, count=len(items))

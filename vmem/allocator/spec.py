@@ -25,6 +25,7 @@ number of pages; views expose only the first ``max_seq_len`` tokens.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -89,25 +90,25 @@ class KVCacheSpec:
     def itemsize(self) -> int:
         return self.dtype.itemsize
 
-    @property
+    @functools.cached_property
     def num_groups(self) -> int:
         """Tensors per K (or V): one per layer, or one per layer group (GROUPED)."""
         return self.num_layers // self.layer_group_size
 
-    @property
+    @functools.cached_property
     def num_planes(self) -> int:
         return 2 * self.num_groups
 
-    @property
+    @functools.cached_property
     def rows_per_plane(self) -> int:
         """Rows one slot owns in a plane: one per KV head in HND, else one."""
         return self.num_kv_heads if self.layout == "HND" else 1
 
-    @property
+    @functools.cached_property
     def rows_per_slot(self) -> int:
         return self.num_planes * self.rows_per_plane
 
-    @property
+    @functools.cached_property
     def row_token_bytes(self) -> int:
         """Bytes one token occupies in one row."""
         per_head = self.head_dim * self.itemsize
@@ -115,38 +116,38 @@ class KVCacheSpec:
             return per_head
         return self.layer_group_size * self.num_kv_heads * per_head
 
-    @property
+    @functools.cached_property
     def token_bytes(self) -> int:
         """Bytes of K and V of one token over all layers (what a token really costs)."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.itemsize
 
-    @property
+    @functools.cached_property
     def padded_max_seq_len(self) -> int:
         """max_seq_len rounded up so a row is a whole number of pages (rows start on page boundaries)."""
         quantum = self.page_bytes // math.gcd(self.page_bytes, self.row_token_bytes)
         return -(-self.max_seq_len // quantum) * quantum
 
-    @property
+    @functools.cached_property
     def row_bytes(self) -> int:
         return self.padded_max_seq_len * self.row_token_bytes
 
-    @property
+    @functools.cached_property
     def pages_per_row(self) -> int:
         return self.row_bytes // self.page_bytes
 
-    @property
+    @functools.cached_property
     def slot_plane_bytes(self) -> int:
         return self.rows_per_plane * self.row_bytes
 
-    @property
+    @functools.cached_property
     def plane_bytes(self) -> int:
         return self.max_batch * self.slot_plane_bytes
 
-    @property
+    @functools.cached_property
     def reservation_bytes(self) -> int:
         return self.num_planes * self.plane_bytes
 
-    @property
+    @functools.cached_property
     def num_virtual_pages(self) -> int:
         return self.reservation_bytes // self.page_bytes
 
@@ -156,12 +157,12 @@ class KVCacheSpec:
         q, r = divmod(self.page_bytes, self.row_token_bytes)
         return q if r == 0 else self.page_bytes / self.row_token_bytes
 
-    @property
+    @functools.cached_property
     def slot_pages(self) -> int:
         """Pages of one fully mapped slot."""
         return self.rows_per_slot * self.pages_per_row
 
-    @property
+    @functools.cached_property
     def plane_shape(self) -> tuple[int, ...]:
         b, s, h, d = self.max_batch, self.padded_max_seq_len, self.num_kv_heads, self.head_dim
         if self.layout == "NHD":
