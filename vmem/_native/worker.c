@@ -160,8 +160,8 @@ static int submit(vmem_worker_t *w, int is_map, vmem_resv_t *r, vmem_pool_t *p, 
     w->tail = j;
     w->pending++;
     *ticket = j->ticket;
-    pthread_cond_signal(&w->work);
     pthread_mutex_unlock(&w->lock);
+    pthread_cond_signal(&w->work);  /* after unlock: the woken worker does not block on the mutex */
     return VMEM_OK;
 }
 
