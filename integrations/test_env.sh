@@ -5,7 +5,7 @@
 # Two venvs (their torch pins differ, their other pins clash), both on torch 2.13.0+cpu, slimmed as
 # recorded in ../shared/notes/integration-probe.md: the package with --no-deps, then its plain
 # Requires-Dist minus GPU / torch-pinning packages. SGLang imports torchvision at import time, so a
-# tiny stub (integrations/sglang/tests_support/tvstub) stands in for it; nothing calls into it.
+# tiny stub (integrations/sglang/testing/tvstub) stands in for it; nothing calls into it.
 #
 #   integrations/test_env.sh            build what is missing, then run tests/integration
 #   integrations/test_env.sh --setup    build only
@@ -99,7 +99,7 @@ setup_sglang() {
 
 run_tests() {
     local side="$1" venv="$INT_DIR/$1" extra_path=""
-    [[ "$side" == sglang ]] && extra_path="$ROOT/integrations/sglang/tests_support/tvstub"
+    [[ "$side" == sglang ]] && extra_path="$ROOT/integrations/sglang/testing/tvstub"
     log "running tests/integration/test_${side}_*.py in $venv"
     # Run from a temp dir so `import vmem` resolves to the installed copy, not the source tree.
     (cd "$INT_DIR" && PYTHONPATH="$extra_path" VLLM_TARGET_DEVICE=cpu HF_HUB_OFFLINE=1 \
