@@ -25,11 +25,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from vmem.engine.engine import Request as EngineRequest, SamplingParams
 from vmem.engine.openai_protocol import (
     ApiError, ChatCompletionRequest, CompletionRequest, ResponseShaper, TextStream,
     describe_validation_errors, error_body, new_id, usage,
 )
 from vmem.engine.server_loop import EngineLoop, ServerMetrics
+from vmem.errors import VmemInvalidArgument
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +55,6 @@ class ServerState:
     """What the handlers share: the engine loop, tokenizer, limits and metrics."""
 
     def __init__(self, engine, model_name: str, limits: ServerLimits):
-        from vmem.engine.engine import Request, SamplingParams   # the engine owner's types
-        self._Request, self._SamplingParams = Request, SamplingParams
         self.engine = engine
         self.model_name = model_name
         self.limits = limits
@@ -120,11 +120,11 @@ class ServerState:
             raise ApiError(429, "server busy: %d requests already queued (limit %d); retry later"
                            % (self.loop.num_queued, self.limits.max_queued),
                            type="rate_limit_error", code="queue_full")
-        params = self._SamplingParams(
+        params = SamplingParams(
             max_tokens=max_tokens, temperature=body.temperature if body.temperature is not None else 1.0,
             top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed, stop=stop or None,
             ignore_eos=body.ignore_eos)
-        return self._Request(request_id=request_id, prompt_ids=ids, params=params), stop
+        return EngineRequest(request_id=request_id, prompt_ids=ids, params=params), stop
 
 
 class _Flight:
@@ -187,7 +187,6 @@ class _Flight:
 
 
 def _engine_error(exc: BaseException) -> ApiError:
-    from vmem.errors import VmemInvalidArgument
     if isinstance(exc, VmemInvalidArgument):
         return ApiError(400, str(exc), code="invalid_request")
     if isinstance(exc, RuntimeError) and "shutting down" in str(exc):
@@ -216,6 +215,9 @@ async def _generate(state: ServerState, request: Request, body, chat: bool):
     request_id = new_id("chatcmpl" if chat else "cmpl")
     try:
         engine_request, stop = state.make_request(body, request_id)
+    except VmemInvalidArgument as exc:   # e.g. the tokenizer refused the input
+        state.metrics.on_reject(400)
+        raise ApiError(400, str(exc)) from None
     except ApiError as err:
         state.metrics.on_reject(err.status_code)
         raise
@@ -372,6 +374,7 @@ def parse_bytes(text: str | None) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``vmem serve``."""
     import uvicorn
+
     from vmem.engine.engine import build_engine
 
     args = build_parser().parse_args(argv)

@@ -109,11 +109,11 @@ class EngineLoop:
             ops = list(self._inbox)
             self._inbox.clear()
             self._wakeup.clear()
+        num_adds = 0
         for op in ops:
             if op[0] == "add":
                 _, request, sink = op
-                with self._lock:
-                    self._num_inbox_adds -= 1
+                num_adds += 1
                 try:
                     self.engine.add_request(request)
                 except Exception as exc:   # VmemInvalidArgument: the prompt can never fit
@@ -123,7 +123,11 @@ class EngineLoop:
             else:
                 if self._sinks.pop(op[1], None) is not None:
                     self.engine.abort(op[1])
+        # Publish the engine's queue before un-counting the inbox: num_queued may briefly
+        # count a request twice, never zero times.
         self.num_waiting = self.engine.num_waiting
+        with self._lock:
+            self._num_inbox_adds -= num_adds
 
     def _step(self) -> None:
         try:
