@@ -92,6 +92,7 @@ CUresult cuMemSetAccess(CUdeviceptr p, size_t n, const Access *d, size_t c) {
     __atomic_add_fetch(&stub_setaccess_calls, 1, __ATOMIC_RELAXED); return 0; }
 CUresult cuMemUnmap(CUdeviceptr p, size_t n) {
     NEED_CTX; size_t off;
+    if (getenv("STUB_UNMAP_ONE_MAPPING") && n != GRAN) return 1;   /* a driver that wants one per map */
     for (off = 0; off < n; off += GRAN) {       /* every page must be mapped */
         int fd[2]; if (pipe(fd)) return 1;
         ssize_t w = write(fd[1], (void *)(p + off), 1); close(fd[0]); close(fd[1]);
@@ -193,7 +194,10 @@ def stub_dir(tmp_path_factory):
     return d
 
 
-def test_cuda_backend_against_stand_in_driver(stub_dir):
+@pytest.mark.parametrize("unmap_one_mapping", [False, True])
+def test_cuda_backend_against_stand_in_driver(stub_dir, unmap_one_mapping):
     env = dict(os.environ, LD_LIBRARY_PATH=str(stub_dir), STUB_CAP_BYTES=str(64 * (64 << 10)))
+    if unmap_one_mapping:
+        env["STUB_UNMAP_ONE_MAPPING"] = "1"
     p = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "STUB-OK" in p.stdout, p.stderr[-3000:]

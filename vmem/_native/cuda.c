@@ -111,6 +111,9 @@ static void *sym(const char *a, const char *b)
     return f ? f : dlsym(cu.lib, a);
 }
 
+/* pre: see the definition below. */
+static CUresult unmap_range(CUdeviceptr base, int64_t n, uint64_t page_bytes);
+
 /* pre: called once, through pthread_once. */
 static void cu_load(void)
 {
@@ -263,7 +266,7 @@ static void cuda_release(vmem_resv_t *r)
             continue;
         }
         for (j = i; j < r->num_pages && r->table[j]; j++) {}
-        cu.cuMemUnmap(r->addr + (uint64_t)i * r->page_bytes, (size_t)((uint64_t)(j - i) * r->page_bytes));
+        unmap_range(r->addr + (uint64_t)i * r->page_bytes, j - i, r->page_bytes);
         i = j;
     }
     cu.cuMemAddressFree(r->addr, (size_t)r->num_bytes);
@@ -367,9 +370,22 @@ static int cuda_map_run(vmem_resv_t *r, int64_t virt, vmem_pool_t *p, const int6
         res = cu.cuMemSetAccess(base, (size_t)((uint64_t)n * r->page_bytes), &pv->access, 1);
         if (res != CUDA_SUCCESS) rc = cu_fail(err, res);
     }
-    if (rc != VMEM_OK && done > 0) cu.cuMemUnmap(base, (size_t)((uint64_t)done * r->page_bytes));
+    if (rc != VMEM_OK && done > 0) unmap_range(base, done, r->page_bytes);
     free(h);
     return rc;
+}
+
+/* pre: the context is current; [base, base + n pages) mapped, one handle per page. One cuMemUnmap over
+ * the run (the driver accepts a range spanning several cuMemMap results); should a driver refuse that
+ * (CUDA_ERROR_INVALID_VALUE), one call per page. */
+static CUresult unmap_range(CUdeviceptr base, int64_t n, uint64_t page_bytes)
+{
+    CUresult res = cu.cuMemUnmap(base, (size_t)((uint64_t)n * page_bytes));
+    int64_t i;
+    if (res != 1 || n == 1) return res;
+    for (i = 0; i < n; i++)
+        if ((res = cu.cuMemUnmap(base + (uint64_t)i * page_bytes, (size_t)page_bytes)) != CUDA_SUCCESS) return res;
+    return CUDA_SUCCESS;
 }
 
 /* pre: r->lock held; [virt, virt + n) mapped. */
@@ -377,7 +393,7 @@ static int cuda_unmap_run(vmem_resv_t *r, int64_t virt, int64_t n, vmem_err_t *e
 {
     CUresult res;
     if ((res = cu_enter(r->b)) != CUDA_SUCCESS) return cu_fail(err, res);
-    res = cu.cuMemUnmap(r->addr + (uint64_t)virt * r->page_bytes, (size_t)((uint64_t)n * r->page_bytes));
+    res = unmap_range(r->addr + (uint64_t)virt * r->page_bytes, n, r->page_bytes);
     return res == CUDA_SUCCESS ? VMEM_OK : cu_fail(err, res);
 }
 
