@@ -234,6 +234,20 @@ def test_chat_completion_and_stream(server, reference):
         [r.choices[0].finish_reason]
 
 
+@pytest.mark.parametrize("cache_kind", ["paged", "static"])
+def test_baseline_caches_serve_the_same_tokens(cache_kind, reference):
+    live = LiveServer(build_engine(**{**ENGINE_KW, "cache_kind": cache_kind}))
+    try:
+        prompt = "same tokens on every cache"
+        r = live.client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0,
+                                           extra_body={"ignore_eos": True})
+        tok = live.engine.tokenizer
+        assert r.choices[0].text == tok.decode(engine_greedy(reference, tok.encode(prompt), 6, ignore_eos=True))
+        assert live.wait_idle()[("vmem_kv_pages", (("state", "total"),))] > 0
+    finally:
+        live.stop()
+
+
 def test_stop_string_cuts_the_text(server, reference):
     tok = server.engine.tokenizer
     prompt = "Stop strings are cut"

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import sys
 import time
 from typing import Any
 
@@ -31,7 +32,7 @@ from vmem.engine.openai_protocol import (
     describe_validation_errors, error_body, new_id, usage,
 )
 from vmem.engine.server_loop import EngineLoop, ServerMetrics
-from vmem.errors import VmemInvalidArgument
+from vmem.errors import VmemError, VmemInvalidArgument
 
 logger = logging.getLogger(__name__)
 
@@ -342,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vmem serve", description="OpenAI-compatible server over the vmem engine")
     p.add_argument("--model", default="tiny", help="model preset (default: tiny)")
     p.add_argument("--cache", default="vmem", choices=["vmem", "paged", "static"])
-    p.add_argument("--memory", default=None, help="physical KV memory, e.g. 256M or 2G (default: engine's)")
+    p.add_argument("--memory", type=parse_bytes, default=None,
+                   help="physical KV memory, e.g. 256M or 2G (default: every slot at full length)")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--backend", default="auto", choices=["auto", "host", "cuda"])
@@ -379,11 +381,15 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    kwargs = {"memory_bytes": parse_bytes(args.memory), "max_batch": args.max_batch,
-              "backend": args.backend, "seed": args.seed}
+    kwargs = {"memory_bytes": args.memory, "max_batch": args.max_batch, "backend": args.backend,
+              "seed": args.seed}
     if args.max_seq_len is not None:
         kwargs["max_seq_len"] = args.max_seq_len
-    engine = build_engine(model=args.model, cache_kind=args.cache, **kwargs)
+    try:
+        engine = build_engine(model=args.model, cache_kind=args.cache, **kwargs)
+    except VmemError as exc:
+        print("vmem serve: %s" % exc, file=sys.stderr)
+        return 2
     limits = ServerLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                           max_queued=args.max_queued)
     app = create_app(engine, model_name=args.served_model_name or args.model, limits=limits)
