@@ -39,8 +39,10 @@ import torch
 from vmem.allocator import KVCacheSpec, make_cache
 from vmem.errors import VmemOutOfMemory
 
-TRACE = Path(__file__).resolve().parents[1] / ".." / "shared" / "traces" / "azure_llm_inference_2023" / \
-    "AzureLLMInferenceTrace_conv.csv"
+_ROOT = Path(__file__).resolve().parents[1]
+TRACE = next((p for p in (_ROOT.parent / "shared" / "traces" / "azure_llm_inference_2023",
+                          _ROOT / "vmem" / "data" / "azure_llm_inference_2023")
+              if (p / "AzureLLMInferenceTrace_conv.csv").exists()), _ROOT) / "AzureLLMInferenceTrace_conv.csv"
 TARGETS = {"decode_speedup_vs_paged": 1.5, "decode_vs_floor": 3.0, "capacity_vs_paged": 0.95,
            "capacity_vs_static": 3.0}
 
@@ -349,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=None, help="trace requests to replay")
     p.add_argument("--budget-mb", type=int, default=256)
     p.add_argument("--trace", default=str(TRACE))
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's); 1 keeps a shared, busy machine from stalling "
+                        "OpenMP regions on a descheduled sibling thread")
     return p
 
 
@@ -370,6 +375,8 @@ def configure(args) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     configure(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     parts = args.parts.split(",")
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                           "threads": torch.get_num_threads()},

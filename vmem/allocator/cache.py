@@ -14,7 +14,8 @@ Reclamation: ``deferred`` (default) leaves a finished request's pages mapped in 
 there reuses them without a map call, and idle slots give pages back (tail columns first, slots in
 ReclaimPolicy order) only when the pool runs dry, followed by live slots' columns beyond their length
 (pages a short request inherited from a longer one). ``eager`` unmaps at free_slot and returns the memory to
-the OS (host: trim punches the memfd hole).
+the OS (host: trim punches the memfd hole). On CUDA every unmap first synchronises the device, so no
+kernel still reads the pages; deferred reclamation keeps that rare.
 
 Async: ``prefetch(needs)`` plans the next step from free pages only and hands the batch to the native
 worker thread (it copies the arrays; it never touches Python objects). The page table records the plan
@@ -237,6 +238,8 @@ class VirtualKVCache(SlotCache):
         c["pages_mapped"] += int(virt.size)
 
     def _unmap(self, virt: np.ndarray) -> None:
+        if self.device.type == "cuda":      # never pull pages from under a kernel still reading them
+            torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
         self._reservation.unmap(virt)
         c = self._counters
@@ -245,7 +248,9 @@ class VirtualKVCache(SlotCache):
         c["pages_unmapped"] += int(virt.size)
 
     def _trim(self, phys: np.ndarray) -> None:
-        if phys.size:
+        """Host: punch the pages out of the memfd. CUDA keeps its pooled handles (creating one costs
+        ~130 maps), so memory stays with the pool until close()."""
+        if phys.size and self._backend.name == "host":
             self._pool.trim(phys)
             self._table.resident[phys] = False
             self._counters["trimmed_pages"] += int(phys.size)
