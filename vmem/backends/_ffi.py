@@ -21,9 +21,12 @@ if NATIVE_VERSION != __version__:
     )
 
 
+_I64 = np.dtype(np.int64)
+
+
 def as_pages(pages, name: str) -> np.ndarray:
     """Page indices as a contiguous int64 array ``[n]`` (accepts ints, sequences, numpy, torch)."""
-    if isinstance(pages, np.ndarray) and pages.dtype == np.int64 and pages.flags.c_contiguous:
+    if type(pages) is np.ndarray and pages.dtype is _I64 and pages.flags.c_contiguous:
         arr = pages
     elif hasattr(pages, "detach") and hasattr(pages, "cpu"):  # torch.Tensor without importing torch
         arr = np.ascontiguousarray(pages.detach().cpu().numpy(), dtype=np.int64)
@@ -37,7 +40,3 @@ def as_pages(pages, name: str) -> np.ndarray:
         raise VmemInvalidArgument("%s must be one-dimensional, got shape %s" % (name, arr.shape), op=name)
     return arr
 
-
-def ptr(arr: np.ndarray):
-    """``int64_t *`` over a contiguous int64 array (no copy)."""
-    return ffi.cast("int64_t *", arr.ctypes.data) if arr.size else ffi.NULL

@@ -17,8 +17,15 @@ from vmem.errors import (INVALID, VmemClosedError, VmemInvalidArgument, check, c
 _FAULT_CODES = {"oom": 1, "map_limit": 2, "invalid": 3, "driver": 4}
 
 
+_tls = threading.local()
+
+
 def _new_err():
-    return ffi.new("vmem_err_t *")
+    """A ``vmem_err_t *`` for this thread (reused: the hot map path allocates nothing)."""
+    err = getattr(_tls, "err", None)
+    if err is None:
+        err = _tls.err = ffi.new("vmem_err_t *")
+    return err
 
 
 def _i64(arr: np.ndarray):
@@ -114,8 +121,8 @@ class PagePool:
         out = ffi.new("vmem_pool_t **")
         err = _new_err()
         rc = lib.vmem_pool_create(backend._h, page_bytes, num_pages, max_pages or 0, out, err)
-        check_err(rc, "create_pool", err, page_bytes=page_bytes, num_pages=num_pages,
-                  needed_pages=num_pages, free_pages=0)
+        check_err(rc, "create_pool", err, page_bytes=page_bytes, num_pages=num_pages, needed_pages=num_pages,
+                  created_pages=int(err.available) if rc else None)
         self._h = ffi.gc(out[0], lib.vmem_pool_close)
         self.backend = backend
         self.page_bytes = page_bytes
