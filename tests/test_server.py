@@ -481,7 +481,16 @@ def test_main_serves_and_shuts_down_gracefully():
             time.sleep(0.1)
         r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3}, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
-        proc.send_signal(signal.SIGINT)
+        # SIGINT while a stream runs: the stream still ends properly, then the process exits 0
+        body = {"model": MODEL, "prompt": "finish me", "max_tokens": 24, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as s:
+            lines = s.iter_lines()
+            assert next(lines).startswith("data: ")
+            proc.send_signal(signal.SIGINT)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][len("data: "):])["usage"]["completion_tokens"] == 24
         assert proc.wait(timeout=20) == 0
     finally:
         if proc.poll() is None:
