@@ -168,7 +168,9 @@ def kernel_sdpa_flash(case: Case, mode: str, q: torch.Tensor):
     b, c = case.batch, case.context
     qt = q.transpose(1, 2)                                       # [B, Hq, s, D]
     causal = mode == "prefill"                                   # decode: the one query sees every key
-    restrict = sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if case.device.type == "cuda" else contextlib.nullcontext()
+
+    def restrict():                                              # a fresh context manager per call
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if case.device.type == "cuda" else contextlib.nullcontext()
 
     expand = []                                                  # set if this build's flash SDPA lacks GQA
 
@@ -176,7 +178,7 @@ def kernel_sdpa_flash(case: Case, mode: str, q: torch.Tensor):
         if expand:
             k, v = (t.repeat_interleave(case.hq // case.hkv, dim=1) for t in (k, v))
         try:
-            with restrict:
+            with restrict():
                 return sdpa(qt, k, v, is_causal=causal, enable_gqa=case.hq != case.hkv).transpose(1, 2)
         except RuntimeError:
             if expand or case.hq == case.hkv:
