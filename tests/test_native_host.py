@@ -288,3 +288,20 @@ def test_close_with_live_view_defers_release(host_backend):
     del t
     gc.collect()
     assert host_backend.info()["mappings_used"] == used
+
+
+def test_failed_merge_at_the_limit_restores_the_count(host_backend):
+    """A map that merges runs frees mappings; if it then fails, the count must come back exactly."""
+    with host_backend.reserve(16 * 4096, 4096) as r, host_backend.create_pool(4096, 16) as p:
+        r.map([0, 1, 2, 4, 5, 6], p, [0, 1, 2, 4, 5, 6])
+        used = host_backend.info()["mappings_used"]
+        host_backend.set_map_budget(used)  # exactly full
+        try:
+            r.inject_fault(1)
+            with pytest.raises(VmemDriverError):
+                r.map([3], p, [3])  # would merge [0, 7) into one mapping: -2
+            assert host_backend.info()["mappings_used"] == used
+            r.map([3], p, [3])
+            assert host_backend.info()["mappings_used"] == used - 2 and vmas_in(r) == r.num_mappings == 2
+        finally:
+            host_backend.set_map_budget(1 << 62)

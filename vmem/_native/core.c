@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include "internal.h"
 
 #ifndef VMEM_VERSION
@@ -135,6 +136,12 @@ int vmem_backend_set_map_budget(vmem_backend_t *b, int64_t budget)
     return VMEM_OK;
 }
 
+/* pre: b != NULL. Undo a successful _vmem_budget_take(b, delta): never refused. */
+void _vmem_budget_give(vmem_backend_t *b, int64_t delta)
+{
+    if (b->mappings_used) atomic_fetch_sub(b->mappings_used, delta);
+}
+
 /* Take `delta` mappings from the budget (delta may be negative: gives back). */
 int _vmem_budget_take(vmem_backend_t *b, int64_t delta, vmem_err_t *err)
 {
@@ -146,9 +153,17 @@ int _vmem_budget_take(vmem_backend_t *b, int64_t delta, vmem_err_t *err)
     }
     used = atomic_load(b->mappings_used);
     if (used + delta > b->map_budget && b->ops->refresh_budget) {
-        /* the rest of the process may have dropped mappings since open: look again before refusing */
-        b->ops->refresh_budget(b);
-        b->map_budget = b->map_budget_cap < b->map_budget_os ? b->map_budget_cap : b->map_budget_os;
+        /* the rest of the process may have dropped mappings since open: look again before refusing
+         * (at most once a second: reading /proc/self/maps near the limit takes milliseconds) */
+        struct timespec ts;
+        int64_t now;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        now = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+        if (now - b->last_refresh_ns > 1000000000) {
+            b->last_refresh_ns = now;
+            b->ops->refresh_budget(b);
+            b->map_budget = b->map_budget_cap < b->map_budget_os ? b->map_budget_cap : b->map_budget_os;
+        }
     }
     do {
         if (used + delta > b->map_budget) {

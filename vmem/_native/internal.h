@@ -48,6 +48,7 @@ struct vmem_backend {
     int64_t map_budget;                /* min(map_budget_os, map_budget_cap) */
     int64_t map_budget_os;             /* from vm.max_map_count and the process's other mappings */
     int64_t map_budget_cap;            /* vmem_backend_set_map_budget; INT64_MAX when unset */
+    int64_t last_refresh_ns;           /* CLOCK_MONOTONIC of the last refresh_budget */
     atomic_llong *mappings_used;       /* shared by every backend of this kind in the process */
     int hugetlb_available;
     int thp_advise;
@@ -109,6 +110,7 @@ int64_t _vmem_read_sysctl(const char *path);
 int _vmem_fail(vmem_err_t *err, int status, int detail, int64_t index);
 void _vmem_backend_drop(vmem_backend_t *b);
 int _vmem_budget_take(vmem_backend_t *b, int64_t delta, vmem_err_t *err);
+void _vmem_budget_give(vmem_backend_t *b, int64_t delta);
 vmem_pool_t *_vmem_pool_of(vmem_backend_t *b, uint64_t entry);
 int64_t _vmem_phys_of(uint64_t entry);
 void _vmem_unpin_entries(vmem_backend_t *b, const uint64_t *entries, int64_t n);

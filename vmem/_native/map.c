@@ -189,7 +189,7 @@ int vmem_map(vmem_resv_t *r, vmem_pool_t *p, const int64_t *virt, const int64_t 
         runs[num_runs++] = i;
         r->map_ops++;
     }
-    if (rc && taken) _vmem_budget_take(r->b, -delta, NULL);
+    if (rc && taken) _vmem_budget_give(r->b, delta);
     free(runs);
     if (rc) {
         for (i = 0; i < n; i++) r->table[s[i].virt] = 0;
@@ -300,7 +300,7 @@ int vmem_unmap(vmem_resv_t *r, const int64_t *virt, int64_t n, vmem_err_t *err)
                 int64_t before = r->num_breaks;
                 r->num_breaks = 0;
                 for (a = 0; a + 1 < r->num_pages; a++) r->num_breaks += is_break(r, a);
-                _vmem_budget_take(r->b, -delta, NULL);
+                _vmem_budget_give(r->b, delta);
                 if (r->b->mappings_used)
                     atomic_fetch_add(r->b->mappings_used, r->num_breaks - before);
             }
@@ -308,7 +308,7 @@ int vmem_unmap(vmem_resv_t *r, const int64_t *virt, int64_t n, vmem_err_t *err)
             r->mapped_pages -= i;
             if (err) err->status = rc = VMEM_ERR_DRIVER;
         } else {
-            _vmem_budget_take(r->b, -delta, NULL);
+            _vmem_budget_give(r->b, delta);
         }
         free(ph);
         goto out;
