@@ -182,6 +182,7 @@ int vmem_pool_info(vmem_pool_t *p, vmem_pool_info_t *out)
     out->resident_bytes = p->closed ? -1 : p->b->ops->pool_resident(p);
     out->hugetlb = p->hugetlb;
     out->closed = p->closed;
+    out->fd = p->fd;
     pthread_mutex_unlock(&p->lock);
     return VMEM_OK;
 }

@@ -94,6 +94,7 @@ typedef struct {
     int64_t resident_bytes;        /* what the OS says (host: fstat st_blocks * 512); -1 when n/a */
     int32_t hugetlb;               /* host: the memfd is MFD_HUGETLB */
     int32_t closed;
+    int32_t fd;                    /* host: the memfd (for independent checks); -1 otherwise */
 } vmem_pool_info_t;
 
 /* ---- version ---- */

@@ -140,11 +140,12 @@ class PagePool:
         return self._h is None
 
     def info(self) -> dict:
-        """Counters: num_pages, backed_pages, mapped_pages, mappings, resident_bytes, hugetlb."""
+        """Counters: num_pages, backed_pages, mapped_pages, mappings, resident_bytes, hugetlb; fd (host memfd)."""
         out = ffi.new("vmem_pool_info_t *")
         lib.vmem_pool_info(self._handle("pool.info"), out)
         return {k: int(getattr(out, k)) for k in ("page_bytes", "num_pages", "max_pages", "backed_pages",
-                                                  "mapped_pages", "mappings", "resident_bytes", "hugetlb")}
+                                                  "mapped_pages", "mappings", "resident_bytes", "hugetlb",
+                                                  "fd")}
 
     @property
     def num_pages(self) -> int:
