@@ -16,7 +16,7 @@ SMALL = ["--layers", "2", "--kv-heads", "2", "--head-dim", "32", "--max-batch", 
                                    ["--layout", "GROUPED", "--group", "2"]])
 def test_stress_runs_clean(extra, tmp_path):
     out = tmp_path / "report.json"
-    rc = stress.main(SMALL + ["--seconds", "1.0", "--json", str(out)] + extra)
+    rc = stress.main(SMALL + ["--seconds", "0.6", "--json", str(out)] + extra)
     report = json.loads(out.read_text())
     assert rc == 0 and report["ok"]
     assert report["lost"] == 0 and report["integrity_failures"] == 0
