@@ -75,12 +75,26 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
         fail("kv_layout must be one of %s, got %r", KV_LAYOUTS, kv_layout)
     if (kv_layout == "NHD" and isinstance(q, torch.Tensor) and q.is_cuda
             and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_available()):
+        # the kernel wants int32 index tensors on the GPU; engines often keep them on the host
+        if isinstance(cache_seqlens, torch.Tensor):
+            cache_seqlens = cache_seqlens.to(device=q.device, dtype=torch.int32)
+        if isinstance(cache_batch_idx, torch.Tensor):
+            cache_batch_idx = cache_batch_idx.to(device=q.device, dtype=torch.int32)
         return _flash_fn(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
                          cache_batch_idx=cache_batch_idx, softmax_scale=softmax_scale, causal=causal,
                          **flash_kwargs)
     if flash_kwargs:
         raise VmemUnsupported("the SDPA reference does not implement %s (needs flash-attn on CUDA)"
                               % sorted(flash_kwargs), op="attention")
+    return reference_flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx,
+                                             softmax_scale, causal, kv_layout)
+
+
+def reference_flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None,
+                                      cache_batch_idx=None, softmax_scale=None, causal=True, kv_layout="NHD"):
+    """The SDPA reference behind flash_attn_with_kvcache (same arguments), on any device."""
+    if kv_layout not in KV_LAYOUTS:
+        fail("kv_layout must be one of %s, got %r", KV_LAYOUTS, kv_layout)
     batch, seqlen_q, num_heads, head_dim = check_q(q)
     check_cache_pair("cache", k_cache, v_cache, q)
     k_nhd = k_cache if kv_layout == "NHD" else k_cache.transpose(1, 2)      # a view either way
