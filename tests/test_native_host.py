@@ -314,3 +314,22 @@ def test_failed_merge_at_the_limit_restores_the_count(host_backend):
             assert host_backend.info()["mappings_used"] == used - 2 and vmas_in(r) == r.num_mappings == 2
         finally:
             host_backend.set_map_budget(1 << 62)
+
+
+def test_hugetlb_pool_when_the_machine_has_huge_pages(host_backend):
+    """Huge pages are used when present, never required (nr_hugepages is 0 by default: skip)."""
+    from vmem.backends import Backend
+
+    backend = Backend("host")  # fresh: hugetlb availability is read at open
+    if not backend.info()["hugetlb_available"]:
+        pytest.skip("no free hugetlb pages (vm.nr_hugepages)")
+    hp = 2 << 20
+    with backend.create_pool(hp, 2) as pool, backend.reserve(8 * hp, hp) as r:
+        assert pool.info()["hugetlb"] == 1 and pool.resident_bytes() == 2 * hp  # reserved up front
+        r.map([1, 2], pool, [0, 1])
+        t = r.tensor(torch.uint8, (2 * hp,), offset_bytes=hp)
+        t.fill_(5)
+        assert int(t.sum()) == 5 * 2 * hp and vmas_in(r) == r.num_mappings == 3
+        r.unmap([2])
+        pool.trim([1])
+        assert pool.resident_bytes() == hp
