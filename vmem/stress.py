@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vmem stress", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--seconds", type=float, default=10.0, help="run this long")
+    p.add_argument("--max-ops", type=int, default=0, help="stop after this many operations (0: no limit)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
@@ -196,7 +197,8 @@ class Stress:
     def run(self) -> dict:
         t0 = time.perf_counter()
         deadline = t0 + self.args.seconds
-        while time.perf_counter() < deadline:
+        limit = self.args.max_ops or float("inf")
+        while time.perf_counter() < deadline and self.counts["ops"] < limit:
             self.one_op()
         self.check()
         elapsed = time.perf_counter() - t0
