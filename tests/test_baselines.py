@@ -29,7 +29,7 @@ def test_same_protocol_for_all_three(kind):
         assert c.can_allocate({a: 100, b: 256})
         c.step({a: 100, b: 256})
         c.prefetch({a: 101})
-        c.step({a: 101})
+        c.ensure(a, 101)
         c.check_integrity()
         st = c.stats()
         assert st.kind == kind and st.live_slots == 2 and st.live_tokens == 357

@@ -157,6 +157,10 @@ class SlotCache:
     def _available_pages(self) -> int:
         raise NotImplementedError
 
+    def ensure(self, slot: int, num_tokens: int) -> None:
+        """step() for one slot: make tokens [0, num_tokens) of ``slot`` writable."""
+        self.step({slot: num_tokens})
+
     def prefetch(self, needs: Mapping[int, int]) -> None:
         """Begin mapping what the next step needs; the baselines have nothing to map."""
         self._parse_needs(needs)
