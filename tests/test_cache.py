@@ -109,7 +109,9 @@ def test_alloc_hint_picks_the_best_fitting_mapped_slot():
         c.step({a: 200, b: 40})
         c.free_slot(a), c.free_slot(b)
         assert c.alloc_slot(num_tokens=30) == b      # smallest mapped slot that covers 30 tokens
-        assert c.alloc_slot(num_tokens=30) == a
+        assert c.alloc_slot(num_tokens=10**6) == a    # a hint is advisory: clamped to max_seq_len
+        with pytest.raises(VmemInvalidArgument):
+            c.alloc_slot(num_tokens="long")
 
 
 def test_eager_reclamation_returns_memory_at_free():

@@ -114,13 +114,16 @@ class SlotCache:
         return int(self._lengths[self._check_slot(slot)])
 
     def alloc_slot(self, num_tokens: int | None = None) -> int:
-        """A free slot for a new request (length 0). ``num_tokens`` optionally hints its first length.
+        """A free slot for a new request (length 0). ``num_tokens`` optionally hints how long it may grow
+        (advisory: clamped to [0, max_seq_len]).
 
         Raises VmemSlotError when all slots are live.
         """
         self._check_open()
         if num_tokens is not None:
-            num_tokens = self.spec.check_num_tokens(num_tokens)
+            if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)):
+                raise VmemInvalidArgument("num_tokens hint must be an int, got %r" % (num_tokens,))
+            num_tokens = min(max(int(num_tokens), 0), self.spec.max_seq_len)
         free = np.flatnonzero(~self._live)
         if free.size == 0:
             raise VmemSlotError("all %d slots are in use" % self.num_slots)
