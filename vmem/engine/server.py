@@ -63,7 +63,7 @@ class ServerState:
         self.max_seq_len = int(engine.cache.spec.max_seq_len)
         self.vocab_size = int(getattr(getattr(engine.model, "config", None), "vocab_size", 0)
                               or getattr(self.tokenizer, "vocab_size", 0) or 1 << 31)
-        self.loop = EngineLoop(engine)
+        self.engine_loop: EngineLoop | None = None   # made on the event loop, at startup
         self.metrics = ServerMetrics()
         self.created = int(time.time())
 
@@ -117,9 +117,9 @@ class ServerState:
                    "this server allows at most %d" % cap)
             raise ApiError(400, "'%s' is %d; %s" % (param, max_tokens, why), param=param,
                            code="max_tokens_too_large")
-        if self.loop.num_queued >= self.limits.max_queued:
+        if self.engine_loop.num_queued >= self.limits.max_queued:
             raise ApiError(429, "server busy: %d requests already queued (limit %d); retry later"
-                           % (self.loop.num_queued, self.limits.max_queued),
+                           % (self.engine_loop.num_queued, self.limits.max_queued),
                            type="rate_limit_error", code="queue_full")
         params = SamplingParams(
             max_tokens=max_tokens, temperature=body.temperature if body.temperature is not None else 1.0,
@@ -141,8 +141,7 @@ class _Flight:
         self.num_prompt_tokens = len(request.prompt_ids)
         self.num_output_tokens = 0
         self.done = False
-        loop = asyncio.get_running_loop()
-        state.loop.submit(request, lambda item: loop.call_soon_threadsafe(self.queue.put_nowait, item))
+        state.engine_loop.submit(request, self.queue.put_nowait)   # runs on this event loop (EngineLoop.post)
 
     async def next(self) -> tuple[str, str | None]:
         """The next text delta and finish reason (None while running); raises ApiError."""
@@ -163,7 +162,7 @@ class _Flight:
         self.num_output_tokens = item.num_output_tokens
         delta, stopped = self.text.push(list(item.new_token_ids), item.finished)
         if stopped and not item.finished:
-            self.state.loop.abort(self.request.request_id)   # our stop string, the engine's slot
+            self.state.engine_loop.abort(self.request.request_id)   # our stop string, the engine's slot
             self.finish("stop")
             return delta, "stop"
         if item.finished:
@@ -177,7 +176,7 @@ class _Flight:
             return
         self.done = True
         if reason == "abort":
-            self.state.loop.abort(self.request.request_id)
+            self.state.engine_loop.abort(self.request.request_id)
         ttft = None if self.t_first is None else self.t_first - self.t_start
         self.state.metrics.on_finish(reason, self.num_prompt_tokens, self.num_output_tokens, ttft,
                                      time.monotonic() - self.t_start)
@@ -278,13 +277,14 @@ def create_app(engine, *, model_name: str = "tiny", limits: ServerLimits | None 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.loop.start()
+        state.engine_loop = EngineLoop(engine, post=asyncio.get_running_loop().call_soon_threadsafe)
+        state.engine_loop.start()
         logger.info("engine thread started: model %s, cache %s", model_name,
                     getattr(engine.cache, "kind", "?"))
         try:
             yield
         finally:
-            state.loop.stop()
+            state.engine_loop.stop()
             logger.info("engine thread stopped")
 
     app = FastAPI(title="vmem", lifespan=lifespan)
@@ -327,13 +327,13 @@ def create_app(engine, *, model_name: str = "tiny", limits: ServerLimits | None 
 
     @app.get("/health")
     async def health():
-        if not state.loop.alive:
+        if not state.engine_loop.alive:
             return JSONResponse({"status": "engine down"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(state.metrics.render(state.loop),
+        return PlainTextResponse(state.metrics.render(state.engine_loop),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app

@@ -2,8 +2,9 @@
 
 Engine methods are not thread-safe, so one background thread owns the engine: it drains a
 thread-safe inbox of adds and aborts, runs ``engine.step()``, and hands each ``RequestOutput`` to
-the sink the request was submitted with (the server's sink hops onto the asyncio loop with
-``loop.call_soon_threadsafe``). Everything else reads snapshots the thread publishes.
+the sink the request was submitted with. All outputs of one step cross to the consumer in one hop
+(``post``, the server's ``loop.call_soon_threadsafe``), not one wake-up per request. Everything
+else reads snapshots the thread publishes.
 """
 from __future__ import annotations
 
@@ -17,19 +18,24 @@ from typing import Any, Callable
 logger = logging.getLogger(__name__)
 
 Sink = Callable[[Any], None]   # receives a RequestOutput, or an exception if the request failed
+Post = Callable[..., Any]      # post(fn, *args): run fn(*args) on the consumer's thread
 
 
 class EngineLoop:
     """Runs ``engine`` on one background thread.
 
     ``submit(request, sink)`` and ``abort(request_id)`` may be called from any thread; both
-    return at once. ``sink`` is called on the engine thread with every ``RequestOutput`` of the
-    request, or once with an exception (``VmemInvalidArgument`` from ``add_request``, or whatever
-    broke a step). After a finished output, an exception or an abort, the sink is never called again.
+    return at once. ``sink`` gets every ``RequestOutput`` of the request, or once an exception
+    (``VmemInvalidArgument`` from ``add_request``, or whatever broke a step); after a finished
+    output, an exception or an abort it is never called again. Sinks run through ``post`` (on the
+    consumer's thread), or on the engine thread when ``post`` is None.
     """
 
-    def __init__(self, engine, *, stats_interval_s: float = 0.05, idle_wait_s: float = 0.5):
+    def __init__(self, engine, *, post: Post | None = None, stats_interval_s: float = 0.05,
+                 idle_wait_s: float = 0.5):
         self.engine = engine
+        self._post = post
+        self._outbox: list[tuple[Sink, Any]] = []   # engine thread only; flushed once per iteration
         self._stats_interval_s = stats_interval_s
         self._idle_wait_s = idle_wait_s
         self._lock = threading.Lock()
@@ -89,11 +95,13 @@ class EngineLoop:
                 self._drain()
                 if self.engine.has_work():
                     self._step()
+                    self._flush()
                     now = time.monotonic()
                     if now - last_stats >= self._stats_interval_s:
                         self._refresh_stats()
                         last_stats = now
                     continue
+                self._flush()
                 self._refresh_stats()
                 self._wakeup.wait(self._idle_wait_s)
                 self._wakeup.clear()
@@ -103,6 +111,7 @@ class EngineLoop:
             self._fail_all(exc)
         finally:
             self._shutdown()
+            self._flush()
 
     def _drain(self) -> None:
         with self._lock:
@@ -117,7 +126,7 @@ class EngineLoop:
                 try:
                     self.engine.add_request(request)
                 except Exception as exc:   # VmemInvalidArgument: the prompt can never fit
-                    _deliver(sink, exc)
+                    self._outbox.append((sink, exc))
                     continue
                 self._sinks[request.request_id] = sink
             else:
@@ -144,7 +153,7 @@ class EngineLoop:
                 continue
             if out.finished:
                 del self._sinks[out.request_id]
-            _deliver(sink, out)
+            self._outbox.append((sink, out))
         self.num_running = self.engine.num_running
         self.num_waiting = self.engine.num_waiting
 
@@ -154,7 +163,7 @@ class EngineLoop:
                 self.engine.abort(request_id)
             except Exception:
                 logger.exception("abort of %s failed", request_id)
-            _deliver(sink, exc)
+            self._outbox.append((sink, exc))
         self._sinks.clear()
 
     def _shutdown(self) -> None:
@@ -164,15 +173,28 @@ class EngineLoop:
             self._num_inbox_adds = 0
         for op in ops:
             if op[0] == "add":
-                _deliver(op[2], RuntimeError("server is shutting down"))
+                self._outbox.append((op[2], RuntimeError("server is shutting down")))
         for request_id, sink in list(self._sinks.items()):
             try:
                 self.engine.abort(request_id)
             except Exception:
                 logger.exception("abort of %s failed", request_id)
-            _deliver(sink, RuntimeError("server is shutting down"))
+            self._outbox.append((sink, RuntimeError("server is shutting down")))
         self._sinks.clear()
         self._refresh_stats()
+
+    def _flush(self) -> None:
+        """Hand this iteration's outputs to the consumer in one hop."""
+        if not self._outbox:
+            return
+        batch, self._outbox = self._outbox, []
+        if self._post is None:
+            _fan_out(batch)
+            return
+        try:
+            self._post(_fan_out, batch)
+        except RuntimeError:   # the consumer's event loop is closed: nobody is listening any more
+            logger.debug("dropped %d outputs for a closed loop", len(batch))
 
     def _refresh_stats(self) -> None:
         try:
@@ -185,11 +207,12 @@ class EngineLoop:
         self.stats = stats
 
 
-def _deliver(sink: Sink, item: Any) -> None:
-    try:
-        sink(item)
-    except RuntimeError:   # the event loop is closed: nobody is listening any more
-        logger.debug("dropped an output for a closed loop")
+def _fan_out(batch: list[tuple[Sink, Any]]) -> None:
+    for sink, item in batch:
+        try:
+            sink(item)
+        except Exception:
+            logger.exception("a request's sink failed")
 
 
 # ---------------------------------------------------------------------------------------------
