@@ -102,6 +102,8 @@ class VirtualKVCache(SlotCache):
                         for p in range(spec.num_planes)]
         self._table = PageTable(spec.num_virtual_pages, pool_pages)
         self._columns = np.zeros(spec.max_batch, dtype=np.int64)
+        self._inherited = np.zeros(spec.max_batch, dtype=np.int64)   # columns a request found in its slot
+        self._reclaimed = None    # (columns before, virt, phys) taken from slots during the current step
         self._freed_at = np.zeros(spec.max_batch, dtype=np.int64)
         self._clock = 0
         self._mapper = self._backend.async_mapper() if async_map else None
@@ -141,6 +143,11 @@ class VirtualKVCache(SlotCache):
                                        kv_layout=self.spec.kv_layout)
 
     # ---- slots ----------------------------------------------------------------------------
+    def alloc_slot(self, num_tokens: int | None = None) -> int:
+        slot = super().alloc_slot(num_tokens)
+        self._inherited[slot] = self._columns[slot]
+        return slot
+
     def _choose_slot(self, free: np.ndarray, num_tokens: int | None) -> int:
         needed = None if num_tokens is None else self.spec.row_pages_for_tokens(num_tokens)
         return self.slot_policy.choose(free, self._columns, needed)
@@ -266,6 +273,7 @@ class VirtualKVCache(SlotCache):
         released = self._table.clear(virt)
         for s, k in keep.items():
             self._columns[s] = k
+            self._inherited[s] = min(int(self._inherited[s]), k)
         if trim:
             self._trim(released)
         return virt, phys
@@ -283,9 +291,10 @@ class VirtualKVCache(SlotCache):
         g_slots, g_from, g_to = self._growth(slots, tokens)
         rows = self.spec.rows_per_slot
         needed = int((g_to - g_from).sum()) * rows
-        # pages a request finds already mapped in its slot (deferred reclamation) beyond its last step
-        had = self.spec.row_pages_for_tokens_array(self._lengths[slots])
-        reused = int(np.maximum(np.minimum(self.spec.row_pages_for_tokens_array(tokens), self._columns[slots]) - had,
+        # pages this step finds already mapped, left in the slot by an earlier request (deferred reuse)
+        inherited = self._inherited[slots]
+        had = np.minimum(self.spec.row_pages_for_tokens_array(self._lengths[slots]), inherited)
+        reused = int(np.maximum(np.minimum(self.spec.row_pages_for_tokens_array(tokens), inherited) - had,
                                 0).sum()) * rows
         free = self._table.num_free
         if needed > free:
@@ -307,9 +316,7 @@ class VirtualKVCache(SlotCache):
         self._reclaimed = None
         self._counters["reused_pages"] += reused
         self._record_lengths(slots, tokens)
-        self._note_used(int(self._columns[self._live].sum()) * rows)
-
-    _reclaimed = None
+        self._note_used(int(self._columns.sum()) * rows - self._reclaimable_pages())
 
     def _reclaim_for(self, shortfall_pages: int, protected: np.ndarray) -> None:
         keep = self._plan_reclaim(shortfall_pages, protected)
