@@ -324,7 +324,12 @@ static int cuda_pool_trim(vmem_pool_t *p, int64_t phys, int64_t n, vmem_err_t *e
     CUresult r;
     if ((r = cu_enter(p->b)) != CUDA_SUCCESS) return cu_fail(err, r);
     for (i = phys; i < phys + n; i++)
-        if ((r = cu.cuMemRelease(handles(p)[i])) != CUDA_SUCCESS) return cu_fail(err, r);
+        if ((r = cu.cuMemRelease(handles(p)[i])) != CUDA_SUCCESS) {
+            int64_t k;
+            for (k = phys; k < i; k++) p->backed[k] = 0;  /* those are gone: say so (core keeps the rest) */
+            p->backed_pages -= i - phys;
+            return cu_fail(err, r);
+        }
     return VMEM_OK;
 }
 
