@@ -12,6 +12,7 @@
 #   integrations/test_env.sh --deps     third-party packages only (no vmem, no plugins)
 #   VMEM_INT_DIR=/path ...              where the venvs live (default .venv-integrations, gitignored)
 #   VMEM_INT_ONLY=vllm|sglang           one side only
+#   VMEM_INT_PYTEST_ARGS="-v -x"         pytest options (default -q)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -103,7 +104,7 @@ run_tests() {
     log "running tests/integration/test_${side}_*.py in $venv"
     # Run from a temp dir so `import vmem` resolves to the installed copy, not the source tree.
     (cd "$INT_DIR" && PYTHONPATH="$extra_path" VLLM_TARGET_DEVICE=cpu HF_HUB_OFFLINE=1 \
-        "$venv/bin/python" -m pytest -q -m integration -p no:cacheprovider \
+        "$venv/bin/python" -m pytest ${VMEM_INT_PYTEST_ARGS:--q} -m integration -p no:cacheprovider \
         --rootdir "$ROOT" -c "$ROOT/pyproject.toml" "$ROOT"/tests/integration/test_"${side}"_*.py)
 }
 
