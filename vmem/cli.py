@@ -79,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--page-bytes", type=int, default=None, help="vmem page size")
     r.add_argument("--backend", default=None, choices=("auto", "host", "cuda"))
     r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default 1)")
     r.add_argument("--json", default="out/replay.json", help="JSON output path")
     r.add_argument("--png", default="out/replay.png", help="figure path")
     r.add_argument("--no-progress", action="store_true")
@@ -94,7 +95,8 @@ def _replay_config(args):
              "rate": args.rate, "length_scale": args.length_scale, "output_scale": args.output_scale,
              "max_prompt_tokens": args.max_prompt_tokens, "max_output_tokens": args.max_output_tokens,
              "model": args.model, "max_batch": args.max_batch, "max_seq_len": args.max_seq_len,
-             "page_bytes": args.page_bytes, "backend": args.backend, "seed": args.seed}
+             "page_bytes": args.page_bytes, "backend": args.backend, "seed": args.seed,
+             "threads": args.threads}
     for name, value in pairs.items():
         if value is not None:
             setattr(cfg, name, value)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from vmem.engine import workloads
 from vmem.engine.engine import Engine, Request, SamplingParams, build_engine
@@ -50,6 +51,7 @@ class ReplayConfig:
     prefill_chunk_tokens: int = 256
     backend: str = "auto"
     seed: int = 0
+    threads: int = 1                       # torch intra-op threads (1 is fastest and steadiest for small models)
     warmup_requests: int = 4
     sample_interval_s: float = 0.05        # timeline resolution
 
@@ -101,14 +103,17 @@ def _map_calls(stats: dict) -> int:
     return int(stats.get("map_calls", 0))
 
 
+def memory_budget(cfg: ReplayConfig) -> int:
+    """The physical KV budget every cache gets: cfg.memory_bytes, or max_batch // 4 full sequences."""
+    if cfg.memory_bytes is not None:
+        return cfg.memory_bytes
+    from vmem.engine.model import ModelConfig
+    mc = ModelConfig.preset(cfg.model, seed=cfg.seed)
+    return default_memory_bytes(cfg, _SpecLike(mc.num_layers, mc.num_kv_heads, mc.head_dim, mc.dtype, cfg.max_seq_len))
+
+
 def make_engine(cfg: ReplayConfig, kind: str) -> Engine:
-    memory_bytes = cfg.memory_bytes
-    if memory_bytes is None:
-        from vmem.engine.model import ModelConfig
-        mc = ModelConfig.preset(cfg.model, seed=cfg.seed)
-        spec_like = _SpecLike(mc.num_layers, mc.num_kv_heads, mc.head_dim, mc.dtype, cfg.max_seq_len)
-        memory_bytes = default_memory_bytes(cfg, spec_like)
-    return build_engine(cfg.model, kind, memory_bytes=memory_bytes, max_batch=cfg.max_batch,
+    return build_engine(cfg.model, kind, memory_bytes=memory_budget(cfg), max_batch=cfg.max_batch,
                         max_seq_len=cfg.max_seq_len, backend=cfg.backend, seed=cfg.seed,
                         page_bytes=cfg.page_bytes if kind == "vmem" else None,
                         max_num_batched_tokens=cfg.max_num_batched_tokens,
@@ -207,6 +212,8 @@ def replay(cfg: ReplayConfig, kinds=CACHE_KINDS, *, progress: bool = True) -> di
         from vmem.errors import VmemInvalidArgument
         raise VmemInvalidArgument("the trace window holds no requests; widen --duration or move --start")
     prompts = make_prompts(reqs, cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     runs = {}
     for kind in kinds:
         engine = make_engine(cfg, kind)
@@ -217,7 +224,7 @@ def replay(cfg: ReplayConfig, kinds=CACHE_KINDS, *, progress: bool = True) -> di
                                    sample_interval_s=cfg.sample_interval_s)
         finally:
             engine.close()
-    return {"config": asdict(cfg), "workload": workloads.summarize(reqs),
+    return {"config": asdict(cfg), "memory_bytes": memory_budget(cfg), "workload": workloads.summarize(reqs),
             "runs": {k: asdict(v) for k, v in runs.items()}}
 
 

@@ -14,13 +14,17 @@ Policy per step (nano-vllm's, with vLLM's chunked prefill):
      if the cache cannot map what they need, the newest running sequence is preempted (slot freed,
      its K/V forgotten, back to the FRONT of the waiting queue) until it can;
   2. then, if nothing was preempted, waiting sequences are admitted in FCFS order while a slot, the
-     token budget and the cache's free pages allow (the head of the queue blocks the rest).
+     token budget and the cache's free pages allow (the head of the queue blocks the rest). Memory
+     must hold the newcomer's whole prefill plus a share (`new_token_ratio`, SGLang's policy) of the
+     remaining max_tokens of it and of every running sequence; the share rises after a preemption
+     and decays while none happen, so admission stops setting up the next preemption.
 The scheduler decides and holds slots; the engine maps (`cache.step(needs)`) and runs the model.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -75,6 +79,12 @@ class Scheduler:
     cache: Any                            # KVCacheManager
     max_num_batched_tokens: int = 512
     prefill_chunk_tokens: int = 256
+    # Admission reserves room for this share of each sequence's remaining max_tokens (SGLang's
+    # new_token_ratio): raised after a preemption, decayed while none happen.
+    new_token_ratio: float = 0.5
+    min_new_token_ratio: float = 0.1
+    new_token_ratio_decay: float = 0.002
+    new_token_ratio_bump: float = 0.25
     waiting: deque = field(default_factory=deque)
     running: list = field(default_factory=list)
     num_preemptions: int = 0
@@ -86,9 +96,18 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
-        budget = self.max_num_batched_tokens
-        seqs, counts, needs, failed = [], [], {}, []
-        preempted = False
+        batch = ScheduledBatch([], [], {}, [])
+        before = self.num_preemptions
+        budget = self._schedule_running(batch, self.max_num_batched_tokens)
+        if self.num_preemptions == before:
+            self._admit_waiting(batch, budget)
+            self.new_token_ratio = max(self.min_new_token_ratio, self.new_token_ratio - self.new_token_ratio_decay)
+        else:
+            self.new_token_ratio = min(1.0, self.new_token_ratio + self.new_token_ratio_bump)
+        return batch
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+        """Oldest first; preempt the newest while the cache cannot map what this step needs."""
         i = 0
         while i < len(self.running):
             seq = self.running[i]
@@ -96,42 +115,63 @@ class Scheduler:
             if n <= 0:
                 i += 1
                 continue
-            trial = {**needs, seq.slot: seq.num_cached_tokens + n}
+            trial = {**batch.needs, seq.slot: seq.num_cached_tokens + n}
             while not self.cache.can_allocate(trial) and self.running[-1] is not seq:
                 self.preempt(self.running[-1])
-                preempted = True
             if not self.cache.can_allocate(trial):
                 if i == 0:                # alone and still too big: it can never run
                     self.finish(seq, "error")
-                    failed.append(seq)
+                    batch.failed.append(seq)
                 else:
                     self.preempt(seq)
-                    preempted = True
                 continue                  # running[i] is now the next sequence (or none)
-            seqs.append(seq), counts.append(n)
-            needs[seq.slot] = trial[seq.slot]
+            self._add(batch, seq, n)
             budget -= n
             i += 1
-        while self.waiting and budget > 0 and not preempted and self.cache.num_free_slots > 0:
+        return budget
+
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        """FCFS: admit while a slot, the token budget and memory allow; the head blocks the rest."""
+        while self.waiting and budget > 0 and self.cache.num_free_slots > 0:
             seq = self.waiting[0]
             n = min(seq.num_pending_tokens, self.prefill_chunk_tokens, budget)
             slot = self.cache.alloc_slot(seq.max_total_tokens)   # hint: a slot already mapped that far
-            trial = {**needs, slot: n}
-            if not self.cache.can_allocate(trial):
+            if not self.cache.can_allocate(self._reservation(batch, slot, seq)):
                 self.cache.free_slot(slot)
-                if not self.running:      # nothing holds memory and it still does not fit
-                    self.waiting.popleft()
-                    seq.status, seq.finish_reason = SeqStatus.FINISHED, "error"
-                    failed.append(seq)
-                    continue
-                break
+                if self.running:
+                    break
+                self.waiting.popleft()        # nothing else holds memory and its prefill does not fit
+                seq.status, seq.finish_reason = SeqStatus.FINISHED, "error"
+                batch.failed.append(seq)
+                continue
             self.waiting.popleft()
             seq.slot, seq.status = slot, SeqStatus.RUNNING
             self.running.append(seq)
-            seqs.append(seq), counts.append(n)
-            needs[slot] = n
+            self._add(batch, seq, n)
             budget -= n
-        return ScheduledBatch(seqs, counts, needs, failed)
+
+    def _reservation(self, batch: ScheduledBatch, slot: int, seq: Sequence) -> dict[int, int]:
+        """What must fit to admit `seq` into `slot`: its whole prefill plus a share of its output, and
+        the same share of every running sequence's remaining output (so admission does not set up
+        the next preemption). Alone, only its prefill and first token must fit."""
+        limit = self.cache.spec.max_seq_len
+        first = min(len(seq.token_ids) + 1, limit)
+        if not self.running:
+            return {slot: first}
+        need = {s.slot: max(self._expected_tokens(s), batch.needs.get(s.slot, 0)) for s in self.running}
+        need[slot] = max(first, self._expected_tokens(seq))
+        return need
+
+    def _expected_tokens(self, seq: Sequence) -> int:
+        remaining = seq.request.params.max_tokens - seq.num_output_tokens
+        grow = math.ceil(self.new_token_ratio * max(remaining, 0))
+        return min(len(seq.token_ids) + grow, seq.max_total_tokens, self.cache.spec.max_seq_len)
+
+    @staticmethod
+    def _add(batch: ScheduledBatch, seq: Sequence, n: int) -> None:
+        batch.seqs.append(seq)
+        batch.num_new_tokens.append(n)
+        batch.needs[seq.slot] = seq.num_cached_tokens + n
 
     def preempt(self, seq: Sequence) -> None:
         """Recompute preemption: drop the K/V, keep the tokens, go back to the front of the queue."""
