@@ -8,7 +8,8 @@ Three parts, each measured against baselines in the same run (JSON out, PNG figu
             the compute. Reported: mean / p99 step time and the share of mapping time hidden.
   decode    decode attention time (one new token per request, one layer) through cache.attention on
             vmem (HND and NHD), paged (vLLM block tables, block 16, shuffled pool) and static caches,
-            with the memory-bandwidth floor: KV bytes read / read bandwidth measured in this run.
+            with the memory-bandwidth floor: KV bytes read / read bandwidth (a sum over a float32 buffer)
+            timed round-robin with the four caches, so drifting load hits all alike.
             Targets: vmem >= 1.5x faster than paged at batch 32 context 4K; within 3x of the floor.
   capacity  the Azure LLM inference conversation trace (prompt + generated lengths) replayed through
             each cache under one memory budget: FCFS admission by can_allocate, one token per step,
@@ -45,17 +46,6 @@ TRACE = next((p for p in (_ROOT.parent / "shared" / "traces" / "azure_llm_infere
               if (p / "AzureLLMInferenceTrace_conv.csv").exists()), _ROOT) / "AzureLLMInferenceTrace_conv.csv"
 TARGETS = {"decode_speedup_vs_paged": 1.5, "decode_vs_floor": 3.0, "capacity_vs_paged": 0.95,
            "capacity_vs_static": 3.0}
-
-
-def median_time(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 # ---- part 1: step latency ---------------------------------------------------------------------
@@ -137,66 +127,78 @@ def part_step(args) -> list[dict]:
 
 # ---- part 2: decode attention -------------------------------------------------------------------
 
-def read_bandwidth(num_bytes: int, repeats: int) -> float:
-    """Bytes per second of a sum over a num_bytes float32 tensor (best of repeats)."""
-    t = torch.ones(num_bytes // 4, dtype=torch.float32)
-    t.sum()
-    best = min(median_time(t.sum, 1, 0) for _ in range(repeats))
-    return num_bytes / best
-
-
-def decode_case(kind: str, layout: str, dtype, batch: int, ctx: int, repeats: int, heads=(32, 8, 128)) -> float:
-    """Median seconds of one layer's decode attention (1 new token per request) on a cache kind."""
+def decode_setup(kind: str, layout: str, dtype, batch: int, ctx: int, heads=(32, 8, 128)):
+    """A cache of one layer holding ``batch`` requests of ``ctx`` tokens, and a closure running one decode
+    step of attention on it (1 new token per request, appended at ctx - 1). Returns (cache, fn)."""
     num_q, num_kv, head_dim = heads
     spec = KVCacheSpec(num_layers=1, num_kv_heads=num_kv, head_dim=head_dim, dtype=dtype, max_batch=batch,
                        max_seq_len=ctx, page_bytes=65536, layout=layout)
     cache = make_cache(kind, spec, backend="host")
-    try:
-        if kind == "paged":                              # a steady-state pool: blocks scattered
-            order = np.random.default_rng(0).permutation(cache.num_blocks).tolist()
-            cache._free_blocks = deque(order)
-        slots = [cache.alloc_slot() for _ in range(batch)]
-        cache.step({s: ctx for s in slots})
-        for t in cache.kv(0):
-            t.normal_() if kind == "paged" else t[:batch].normal_()
-        g = torch.Generator().manual_seed(0)
-        q = torch.randn(batch, 1, num_q, head_dim, generator=g).to(dtype)
-        k = torch.randn(batch, 1, num_kv, head_dim, generator=g).to(dtype)
-        v = torch.randn(batch, 1, num_kv, head_dim, generator=g).to(dtype)
-        seqlens = torch.full((batch,), ctx - 1, dtype=torch.int32)
-        idx = torch.tensor(slots, dtype=torch.int32)
-        return median_time(lambda: cache.attention(0, q, k, v, seqlens, idx), repeats)
-    finally:
-        cache.close()
+    if kind == "paged":                                  # a steady-state pool: blocks scattered
+        cache._free_blocks = deque(np.random.default_rng(0).permutation(cache.num_blocks).tolist())
+    slots = [cache.alloc_slot() for _ in range(batch)]
+    cache.step({s: ctx for s in slots})
+    for t in cache.kv(0):
+        t.normal_() if kind == "paged" else t[:batch].normal_()
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, 1, num_q, head_dim, generator=g).to(dtype)
+    k = torch.randn(batch, 1, num_kv, head_dim, generator=g).to(dtype)
+    v = torch.randn(batch, 1, num_kv, head_dim, generator=g).to(dtype)
+    seqlens = torch.full((batch,), ctx - 1, dtype=torch.int32)
+    idx = torch.tensor(slots, dtype=torch.int32)
+    return cache, lambda: cache.attention(0, q, k, v, seqlens, idx)
+
+
+def interleaved_medians(fns: dict, repeats: int, warmup: int = 2) -> dict:
+    """Median seconds of each fn, timed round-robin so drifting machine load hits all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+DECODE_VARIANTS = [("vmem", "HND"), ("vmem", "NHD"), ("paged", "NHD"), ("static", "HND")]
 
 
 def part_decode(args) -> dict:
-    bw_start = read_bandwidth(args.bandwidth_mb << 20, 5)
-    print("read bandwidth %.1f GB/s" % (bw_start / 1e9), flush=True)
+    """Decode attention per case; the read-bandwidth floor is timed in the same round-robin."""
     rows = []
-    variants = [("vmem", "HND"), ("vmem", "NHD"), ("paged", "NHD"), ("static", "HND")]
+    floor_bytes = args.bandwidth_mb << 20
+    floor_buf = torch.ones(floor_bytes // 4, dtype=torch.float32)
     for dtype in args.dtypes:
         dt = getattr(torch, dtype)
         for ctx in args.contexts:
             for batch in args.batches:
                 kv_bytes = 2 * batch * ctx * 8 * 128 * dt.itemsize
-                # bandwidth again next to each case: on a shared machine the load drifts during the run
-                bw = max(bw_start, read_bandwidth(args.bandwidth_mb << 20, 3)) if args.rebench_bandwidth \
-                    else bw_start
+                caches, fns = [], {"floor": floor_buf.sum}
+                try:
+                    for kind, layout in DECODE_VARIANTS:
+                        cache, fn = decode_setup(kind, layout, dt, batch, ctx)
+                        caches.append(cache)
+                        fns[kind if kind == "paged" else "%s_%s" % (kind, layout)] = fn
+                    med = interleaved_medians(fns, args.repeats)
+                finally:
+                    for cache in caches:
+                        cache.close()
+                bw = floor_bytes / med.pop("floor")
                 row = {"dtype": dtype, "batch": batch, "context": ctx, "kv_bytes": kv_bytes,
                        "read_bandwidth_gbs": bw / 1e9, "floor_ms": kv_bytes / bw * 1e3}
-                for kind, layout in variants:
-                    name = kind if kind == "paged" else "%s_%s" % (kind, layout)
-                    row[name + "_ms"] = decode_case(kind, layout, dt, batch, ctx, args.repeats) * 1e3
+                row.update({name + "_ms": t * 1e3 for name, t in med.items()})
                 row["speedup_vs_paged"] = row["paged_ms"] / row["vmem_HND_ms"]
                 row["vs_floor"] = row["vmem_HND_ms"] / row["floor_ms"]
                 rows.append(row)
                 print("decode %-8s ctx %5d batch %3d  vmem HND %8.2f  NHD %8.2f  paged %8.2f  static %8.2f  "
-                      "floor %7.2f ms  x%.2f vs paged  %.2fx floor"
+                      "floor %7.2f ms (%.1f GB/s)  x%.2f vs paged  %.2fx floor"
                       % (dtype, ctx, batch, row["vmem_HND_ms"], row["vmem_NHD_ms"], row["paged_ms"],
-                         row["static_HND_ms"], row["floor_ms"], row["speedup_vs_paged"], row["vs_floor"]),
+                         row["static_HND_ms"], row["floor_ms"], bw / 1e9, row["speedup_vs_paged"], row["vs_floor"]),
                       flush=True)
-    return {"read_bandwidth_gbs": bw_start / 1e9, "rows": rows}
+    return {"rows": rows}
 
 
 # ---- part 3: capacity on the Azure trace ----------------------------------------------------------
@@ -354,12 +356,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=None, help="trace requests to replay")
     p.add_argument("--budget-mb", type=int, default=256)
     p.add_argument("--trace", default=str(TRACE))
-    p.add_argument("--rebench-bandwidth", action="store_true",
-                   help="measure read bandwidth again before each decode case (best of that and the first)")
+    p.add_argument("--batches", default=None, help="decode batches, e.g. 1,8,32 (overrides the grid)")
+    p.add_argument("--contexts", default=None, help="decode contexts, e.g. 512,4096")
+    p.add_argument("--dtypes", default=None, help="decode dtypes, e.g. bfloat16,float32")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's); 1 keeps a shared, busy machine from stalling "
                         "OpenMP regions on a descheduled sibling thread")
     return p
+
+
+def _ints(text):
+    return [int(x) for x in text.split(",")] if text else None
 
 
 def configure(args) -> None:
@@ -368,10 +375,10 @@ def configure(args) -> None:
     args.steps = args.steps or (512 if full else 192)
     args.step_batches = [1, 4, 16, 32, 64] if full else [1, 8, 32]
     args.step_pages = [16 << 10, 64 << 10, 256 << 10, 2 << 20] if full else [16 << 10, 64 << 10, 256 << 10]
-    args.batches = [1, 4, 16, 32, 64] if full else [1, 8, 32]
-    args.contexts = [512, 1024, 2048, 4096, 8192] if full else [512, 4096]
-    args.dtypes = ["bfloat16", "float32"]
-    args.bandwidth_mb = 1024 if full else 512
+    args.batches = _ints(args.batches) or ([1, 4, 16, 32, 64] if full else [1, 8, 32])
+    args.contexts = _ints(args.contexts) or ([512, 1024, 2048, 4096, 8192] if full else [512, 4096])
+    args.dtypes = args.dtypes.split(",") if args.dtypes else ["bfloat16", "float32"]
+    args.bandwidth_mb = 512 if full else 256
     args.requests = args.requests or (19366 if full else 1500)
     args.capacity_pages = [16 << 10, 64 << 10, 256 << 10] if full else [16 << 10, 64 << 10]
     args.capacity_batch = 512
