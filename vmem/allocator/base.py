@@ -185,8 +185,9 @@ class SlotCache:
             return
         idx = slots.detach().cpu().numpy().astype(np.int64)
         ends = cache_seqlens.detach().cpu().numpy().astype(np.int64) + new_tokens
-        for s in idx:
-            self._check_slot(int(s))
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_slots or not self._live[idx].all()):
+            for s in idx:
+                self._check_slot(int(s))
         if np.any(ends > self._lengths[idx]):
             bad = int(np.flatnonzero(ends > self._lengths[idx])[0])
             raise VmemInvalidArgument(
