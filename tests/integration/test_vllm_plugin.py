@@ -139,11 +139,11 @@ def test_views_match_vllm_and_touch_nothing(tmp_path, layout):
     assert vc.cache_config.enable_prefix_caching is False           # the plugin turned it off
     original = vllm.v1.worker.utils.allocate_kv_cache.keywords["_original"]
     dense = original(cfg, torch.device("cpu"), KVCacheLayout[layout])
+    assert kv[LAYERS[0]].data_ptr() == mapper.reservation.address
     for name in LAYERS:
         assert kv[name].shape == dense[name].shape and kv[name].stride() == dense[name].stride()
         assert kv[name].dtype == dense[name].dtype == torch.float16
-        assert kv[name].data_ptr() - mapper.reservation.address == dense[name].data_ptr() - dense[LAYERS[0]].data_ptr() \
-            + (kv[LAYERS[0]].data_ptr() - mapper.reservation.address)
+        assert (kv[name].data_ptr() - kv[LAYERS[0]].data_ptr()) == (dense[name].data_ptr() - dense[LAYERS[0]].data_ptr())
     # only the null block is backed
     assert mapper.reservation.mapped_pages == mapper.block_pages.pages_per_block
     assert mapper.pool.resident_bytes() <= mapper.block_pages.pages_per_block * mapper.block_pages.page_bytes
@@ -217,6 +217,33 @@ def test_preemption_abort_and_admission_by_physical_blocks(tmp_path):
     assert table.num_used_blocks == 0 and mapper.stats()["live_blocks"] == 0
     assert mapper.stats()["blocks_unmapped"] > 0                     # idle blocks were taken back
     assert mapper.reservation.mapped_pages == (mapper.stats()["mapped_blocks"] + 1) * mapper.block_pages.pages_per_block
+
+
+def test_kv_cache_manager_directly_admission_and_slots(tmp_path):
+    """KVCacheManager.allocate_slots / free as the scheduler calls them: None when physical blocks or
+    slots run out (the scheduler then waits or preempts), ids contiguous per slot."""
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+
+    vc, cfg, kv, mapper, sched = make_engine(tmp_path, physical_blocks=17)
+    mgr = KVCacheManager(generate_scheduler_kv_cache_config([cfg]), max_model_len=MAX_LEN, scheduler_block_size=BLOCK,
+                         hash_block_size=BLOCK, enable_caching=False)
+    table = mgr.vmem_slots
+    reqs = [request(i, 16 * 4, max_tokens=8) for i in range(5)]
+    for r in reqs[:4]:
+        assert mgr.allocate_slots(r, r.num_tokens) is not None     # 4 blocks each: 16 of 17 physical
+    assert [mgr.get_block_ids(r.request_id)[0][0] for r in reqs[:4]] == [1, 17, 33, 49]
+    assert mgr.allocate_slots(reqs[4], reqs[4].num_tokens) is None  # no slot left (max_num_seqs = 4)
+    reqs[0].num_computed_tokens = reqs[0].num_tokens
+    assert mgr.allocate_slots(reqs[0], 16) is not None              # grows into the 17th physical block
+    assert mgr.get_block_ids("0")[0] == [1, 2, 3, 4, 5]
+    reqs[1].num_computed_tokens = reqs[1].num_tokens
+    assert mgr.allocate_slots(reqs[1], 16) is None                  # physical budget spent
+    assert mgr.usage == pytest.approx(1.0)
+    mgr.free(reqs[2])
+    assert table.num_used_blocks == 13 and table.num_free_slots == 1
+    assert mgr.allocate_slots(reqs[4], reqs[4].num_tokens) is not None
+    assert mgr.get_block_ids("4")[0] == [33, 34, 35, 36]            # slot 2 again, same ids
+    table.check()
 
 
 def test_refuses_what_it_cannot_do(tmp_path):

@@ -190,6 +190,8 @@ def install(kv_cache_manager, layout: SlotLayout, num_physical_blocks: int) -> S
             return None
         return orig_allocate_slots(request, num_new_tokens, *args, **kwargs)
 
+    # vLLM sizes its admission watermark from the block count, which is now virtual: scale it to physical
+    kv_cache_manager.watermark_blocks = kv_cache_manager.watermark_blocks * num_physical_blocks // pool.num_gpu_blocks
     mgr.allocate_new_blocks = allocate_new_blocks
     mgr.pop_blocks_for_free = pop_blocks_for_free
     pool.free_blocks = free_blocks

@@ -60,7 +60,8 @@ def virtualize_kv_cache_configs(get_kv_cache_configs):
         block_size = cfg.kv_cache_groups[0].kv_cache_spec.block_size
         layout = SlotLayout.for_model(vllm_config.scheduler_config.max_num_seqs,
                                       vllm_config.model_config.max_model_len, block_size)
-        num_physical = min(c.num_blocks for c in physical) - 1
+        # memory beyond what every slot at full length needs would only sit in the pool
+        num_physical = min(min(c.num_blocks for c in physical) - 1, layout.num_virtual_blocks - 1)
         saved = cache_config.num_gpu_blocks_override
         cache_config.num_gpu_blocks_override = layout.num_virtual_blocks
         try:
