@@ -17,6 +17,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
@@ -127,6 +128,15 @@ def parse_prometheus(text: str) -> dict:
             assert (name + "_count", ()) in samples and (name + "_sum", ()) in samples
             assert samples[(name + "_bucket", (("le", "+Inf"),))] == samples[(name + "_count", ())]
     return samples
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny model's ops are too small to split; on 2 busy cores, intra-op threads only spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -339,6 +349,35 @@ def test_engine_failure_is_a_500_error_json_and_serving_goes_on(server):
     m = server.wait_idle(timeout_s=5)   # the failed requests' slots were freed
     assert m[("vmem_requests_finished_total", (("reason", "error"),))] >= 2
     assert server.client.completions.create(model=MODEL, prompt="after", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_preemption_under_memory_pressure_loses_nothing(reference):
+    # 4 KiB pages (32 tokens of the tiny model per page and plane) and 48 of them: 12 requests of
+    # 60 tokens outgrow the memory, so the engine preempts and recomputes behind the server.
+    engine = build_engine(**{**ENGINE_KW, "page_bytes": 4096, "memory_bytes": 48 * 4096})
+    live = LiveServer(engine)
+    prompts = ["pressure %d builds up" % i for i in range(12)]
+
+    async def one(client, prompt):
+        chunks = [c async for c in await client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=60, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})]
+        return "".join(c.choices[0].text for c in chunks if c.choices), chunks[-1].usage.completion_tokens
+
+    async def run_all():
+        client = openai.AsyncOpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        return await asyncio.wait_for(asyncio.gather(*(one(client, p) for p in prompts)), 60)
+
+    try:
+        results = asyncio.run(run_all())
+        m = live.wait_idle()
+        assert m[("vmem_preemptions_total", ())] > 0
+        tok = engine.tokenizer
+        for prompt, (text, num_tokens) in zip(prompts, results):
+            assert num_tokens == 60
+            assert text == tok.decode(engine_greedy(reference, tok.encode(prompt), 60, ignore_eos=True))
+    finally:
+        live.stop()
 
 
 def _aborts(m: dict) -> float:
