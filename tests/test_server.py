@@ -503,7 +503,8 @@ def _free_port() -> int:
 def test_main_serves_and_shuts_down_gracefully():
     port = _free_port()
     cmd = [sys.executable, "-m", "vmem", "serve", "--model", MODEL, "--cache", "vmem", "--max-batch", "2",
-           "--max-seq-len", str(MAX_SEQ_LEN), "--backend", "host", "--port", str(port), "--log-level", "warning"]
+           "--max-seq-len", str(MAX_SEQ_LEN), "--backend", "host", "--port", str(port), "--log-level", "warning",
+           "--torch-threads", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:

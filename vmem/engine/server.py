@@ -355,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queued", type=int, default=512, help="queued requests before 429")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's); 1 suits small models on busy cores")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -381,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.torch_threads is not None:
+        import torch
+        torch.set_num_threads(max(1, args.torch_threads))
     kwargs = {"memory_bytes": args.memory, "max_batch": args.max_batch, "backend": args.backend,
               "seed": args.seed}
     if args.max_seq_len is not None:
