@@ -20,6 +20,7 @@ import importlib
 import logging
 
 import torch
+import torch.nn.functional as F
 
 from vmem.attention._common import (
     attend, check_cache_pair, check_heads, check_new_kv, check_q, default_scale, fail, seqlens_list,
@@ -118,12 +119,19 @@ def reference_flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache
             fail("cache_batch_idx has duplicate rows; appending k/v needs one row per batch entry")
         _append(k_nhd, v_nhd, k, v, rows, seqlens, q.device)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_hnd, v_hnd = k_nhd.transpose(1, 2), v_nhd.transpose(1, 2)        # [batch_cache, Hkv, seqlen, D] views
+    if seqlen_q == 1:
+        # decode: the group's query heads become the query rows of one KV head, no mask needed
+        q_rows = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        out_rows = out.view(q_rows.shape)
     for members, row0, num_keys in _runs(rows, ends):
-        n = len(members)
-        key = k_nhd[row0:row0 + n, :num_keys].transpose(1, 2)          # [n, Hkv, L, D], a view
-        value = v_nhd[row0:row0 + n, :num_keys].transpose(1, 2)
-        b0 = members[0]
-        if members == list(range(b0, b0 + n)):
+        n, b0 = len(members), members[0]
+        key = k_hnd[row0:row0 + n, :, :num_keys]                        # [n, Hkv, L, D], a view
+        value = v_hnd[row0:row0 + n, :, :num_keys]
+        in_order = n == 1 or members == list(range(b0, b0 + n))
+        if seqlen_q == 1 and in_order:
+            out_rows[b0:b0 + n] = F.scaled_dot_product_attention(q_rows[b0:b0 + n], key, value, scale=scale)
+        elif in_order:
             out[b0:b0 + n] = attend(q[b0:b0 + n], key, value, causal, scale)
         else:
             idx = torch.tensor(members, dtype=torch.int64, device=q.device)

@@ -12,6 +12,7 @@ not the indirection. This is the honest pure-PyTorch baseline the contiguous cac
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from vmem.attention._common import (
     attend, check_cache_pair, check_heads, check_new_kv, check_q, default_scale, fail, seqlens_list,
@@ -51,7 +52,8 @@ def paged_attention_with_kvcache(q, k_pool, v_pool, block_table, k=None, v=None,
              b, ends[b], max_tokens, block_table.shape[1], block_size)
     table = block_table.to(device=q.device, dtype=torch.int64)
     blocks_needed = [-(-e // block_size) for e in ends]
-    used = torch.cat([table[b, :n] for b, n in enumerate(blocks_needed)])
+    in_use = torch.arange(table.shape[1], device=q.device) < torch.tensor(blocks_needed, device=q.device)[:, None]
+    used = table[in_use]
     if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_blocks):
         fail("block_table holds block ids outside [0, %d) in the part in use", num_blocks)
     scale = default_scale(head_dim, softmax_scale)
@@ -69,13 +71,25 @@ def paged_attention_with_kvcache(q, k_pool, v_pool, block_table, k=None, v=None,
     groups: dict[int, list[int]] = {}
     for b, e in enumerate(ends):
         groups.setdefault(e, []).append(b)
+    if seqlen_q == 1:                    # decode: fold the GQA group into query rows (as the vmem path)
+        q_rows = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        out_rows = out.view(q_rows.shape)
     for num_keys, members in groups.items():
         n, nb = len(members), blocks_needed[members[0]]
-        idx = torch.tensor(members, dtype=torch.int64, device=q.device)
-        ids = table.index_select(0, idx)[:, :nb].reshape(-1)
+        if n == 1:
+            b = members[0]
+            ids = table[b, :nb]
+        else:
+            idx = torch.tensor(members, dtype=torch.int64, device=q.device)
+            ids = table.index_select(0, idx)[:, :nb].reshape(-1)
         key = k_pool.index_select(0, ids).view(n, nb * block_size, num_kv_heads, head_dim)[:, :num_keys]
         value = v_pool.index_select(0, ids).view(n, nb * block_size, num_kv_heads, head_dim)[:, :num_keys]
-        res = attend(q.index_select(0, idx), key.transpose(1, 2), value.transpose(1, 2), causal, scale)
-        out.index_copy_(0, idx, res)
+        key, value = key.transpose(1, 2), value.transpose(1, 2)             # [n, Hkv, L, D]
+        if n == 1 and seqlen_q == 1:
+            out_rows[b:b + 1] = F.scaled_dot_product_attention(q_rows[b:b + 1], key, value, scale=scale)
+        elif n == 1:
+            out[b:b + 1] = attend(q[b:b + 1], key, value, causal, scale)
+        else:
+            out.index_copy_(0, idx, attend(q.index_select(0, idx), key, value, causal, scale))
     return out
 
