@@ -61,8 +61,7 @@ class ServerState:
         self.limits = limits
         self.tokenizer = engine.tokenizer
         self.max_seq_len = int(engine.cache.spec.max_seq_len)
-        self.vocab_size = int(getattr(getattr(engine.model, "config", None), "vocab_size", 0)
-                              or getattr(self.tokenizer, "vocab_size", 0) or 1 << 31)
+        self.vocab_size = int(engine.model.config.vocab_size)
         self.engine_loop: EngineLoop | None = None   # made on the event loop, at startup
         self.metrics = ServerMetrics()
         self.created = int(time.time())
@@ -99,24 +98,7 @@ class ServerState:
         if num_prompt > max_prompt:
             raise ApiError(400, "the prompt has %d tokens; this server accepts at most %d"
                            % (num_prompt, max_prompt), code="prompt_too_long", param="prompt")
-        room = self.max_seq_len - num_prompt
-        cap = min(self.limits.max_tokens or self.max_seq_len, room)
-        if isinstance(body, ChatCompletionRequest):
-            max_tokens, param = body.requested_max_tokens(), "max_completion_tokens"
-            if max_tokens is None:
-                max_tokens = cap
-        else:
-            max_tokens, param = body.max_tokens, "max_tokens"
-            if max_tokens is None:
-                max_tokens = min(self.limits.default_max_tokens, cap)
-        if max_tokens < 1:
-            raise ApiError(400, "'%s' must be at least 1, got %d" % (param, max_tokens), param=param)
-        if max_tokens > cap:
-            why = ("the prompt (%d tokens) plus %s must fit in %d tokens"
-                   % (num_prompt, param, self.max_seq_len) if cap == room else
-                   "this server allows at most %d" % cap)
-            raise ApiError(400, "'%s' is %d; %s" % (param, max_tokens, why), param=param,
-                           code="max_tokens_too_large")
+        max_tokens = self._max_tokens(body, num_prompt)
         if self.engine_loop.num_queued >= self.limits.max_queued:
             raise ApiError(429, "server busy: %d requests already queued (limit %d); retry later"
                            % (self.engine_loop.num_queued, self.limits.max_queued),
@@ -126,6 +108,28 @@ class ServerState:
             top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed, stop=stop or None,
             ignore_eos=body.ignore_eos)
         return EngineRequest(request_id=request_id, prompt_ids=ids, params=params), stop
+
+    def _max_tokens(self, body, num_prompt: int) -> int:
+        """The request's max_tokens, defaulted and checked against the limits and the room left."""
+        room = self.max_seq_len - num_prompt
+        cap = min(self.limits.max_tokens or self.max_seq_len, room)
+        if isinstance(body, ChatCompletionRequest):
+            max_tokens = body.requested_max_tokens()
+            param = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
+            default = cap                          # chat: as much as fits
+        else:
+            max_tokens, param = body.max_tokens, "max_tokens"
+            default = min(self.limits.default_max_tokens, cap)
+        if max_tokens is None:
+            return default
+        if max_tokens < 1:
+            raise ApiError(400, "'%s' must be at least 1, got %d" % (param, max_tokens), param=param)
+        if max_tokens > cap:
+            why = ("the prompt (%d tokens) plus %s must fit in %d tokens" % (num_prompt, param, self.max_seq_len)
+                   if cap == room else "this server allows at most %d" % cap)
+            raise ApiError(400, "'%s' is %d; %s" % (param, max_tokens, why), param=param,
+                           code="max_tokens_too_large")
+        return max_tokens
 
 
 class _Flight:
