@@ -131,6 +131,10 @@ def test_rows_with_no_visible_key_are_zero():
     assert torch.equal(out[0, :2], torch.zeros(2, 1, 4))
     close(out[:, 2:], naive_attention(q[:, 2:], k_cache[:, :2], v_cache[:, :2]), torch.float32)
     assert torch.equal(flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=0), torch.zeros(1, 4, 1, 4))
+    assert torch.equal(flash_attn_with_kvcache(q[:, :1], k_cache, v_cache, cache_seqlens=0), torch.zeros(1, 1, 1, 4))
+    table = torch.zeros(1, 2, dtype=torch.int32)
+    assert torch.equal(paged_attention_with_kvcache(q[:, :1], k_cache, v_cache, table, cache_seqlens=0),
+                       torch.zeros(1, 1, 1, 4))
 
 
 def test_gqa_head_mapping():
@@ -266,3 +270,32 @@ def test_naive_attention_checks_shapes():
         naive_attention(torch.randn(1, 2, 4, 8), torch.randn(1, 3, 3, 8), torch.randn(1, 3, 3, 8))
     with pytest.raises(VmemInvalidArgument):
         naive_attention(torch.randn(1, 2, 4, 8), torch.randn(2, 3, 2, 8), torch.randn(2, 3, 2, 8))
+
+
+# ---- random shapes --------------------------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40)
+@given(data=st.data(), layout=st.sampled_from(LAYOUTS), group=st.sampled_from([1, 2, 3]),
+       seqlen_new=st.integers(0, 6), causal=st.booleans())
+def test_random_batches_match_oracle(data, layout, group, seqlen_new, causal):
+    batch = data.draw(st.integers(1, MAX_BATCH))
+    rows = data.draw(st.permutations(range(MAX_BATCH)))[:batch]
+    seqlens = [data.draw(st.integers(0 if seqlen_new else 1, MAX_SEQ - max(seqlen_new, 1))) for _ in rows]
+    if data.draw(st.booleans()):                      # equal lengths make batched runs
+        seqlens = [seqlens[0]] * batch
+    seqlen_q = seqlen_new or data.draw(st.integers(1, 3))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 16)))
+    k_cache, v_cache, k_nhd, v_nhd = make_cache(layout, torch.float32, gen)
+    before_k, before_v = k_nhd.clone(), v_nhd.clone()
+    q = torch.randn(batch, seqlen_q, HKV * group, D, generator=gen)
+    k_new = torch.randn(batch, seqlen_new, HKV, D, generator=gen) if seqlen_new else None
+    v_new = torch.randn(batch, seqlen_new, HKV, D, generator=gen) if seqlen_new else None
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, causal=causal,
+                                  cache_seqlens=torch.tensor(seqlens, dtype=torch.int32),
+                                  cache_batch_idx=torch.tensor(rows, dtype=torch.int32),
+                                  kv_layout="HND" if layout == "HND" else "NHD")
+    close(out, expected(q, before_k, before_v, rows, seqlens, k_new, v_new, causal), torch.float32)

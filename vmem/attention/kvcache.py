@@ -129,7 +129,7 @@ def reference_flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache
         key = k_hnd[row0:row0 + n, :, :num_keys]                        # [n, Hkv, L, D], a view
         value = v_hnd[row0:row0 + n, :, :num_keys]
         in_order = n == 1 or members == list(range(b0, b0 + n))
-        if seqlen_q == 1 and in_order:
+        if seqlen_q == 1 and in_order and num_keys:
             out_rows[b0:b0 + n] = F.scaled_dot_product_attention(q_rows[b0:b0 + n], key, value, scale=scale)
         elif in_order:
             out[b0:b0 + n] = attend(q[b0:b0 + n], key, value, causal, scale)

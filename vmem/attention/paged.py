@@ -85,7 +85,7 @@ def paged_attention_with_kvcache(q, k_pool, v_pool, block_table, k=None, v=None,
         key = k_pool.index_select(0, ids).view(n, nb * block_size, num_kv_heads, head_dim)[:, :num_keys]
         value = v_pool.index_select(0, ids).view(n, nb * block_size, num_kv_heads, head_dim)[:, :num_keys]
         key, value = key.transpose(1, 2), value.transpose(1, 2)             # [n, Hkv, L, D]
-        if n == 1 and seqlen_q == 1:
+        if n == 1 and seqlen_q == 1 and num_keys:
             out_rows[b:b + 1] = F.scaled_dot_product_attention(q_rows[b:b + 1], key, value, scale=scale)
         elif n == 1:
             out[b:b + 1] = attend(q[b:b + 1], key, value, causal, scale)
