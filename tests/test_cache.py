@@ -280,6 +280,39 @@ def test_failed_prefetch_corrupts_nothing():
         c.check_integrity()
 
 
+@pytest.mark.parametrize("nth", [0, 1, 2])
+def test_prefetch_takes_pages_from_idle_slots_on_the_worker(nth):
+    """Pool full of an idle slot's pages: prefetch queues the unmap and the map; a failure of either
+    (nth OS call, 1 = the unmap) is undone when the ticket settles."""
+    spec = small_spec()
+    with cache(spec, pages=spec.pages_for_tokens(128) + spec.pages_for_tokens(32), async_map=True) as c:
+        idle, a = c.alloc_slot(), c.alloc_slot()
+        c.step({idle: 128, a: 32})
+        fill(c, a, 32, seed=9)
+        want = checksum(c, a, 32)
+        c.free_slot(idle)
+        before = snapshot(c)
+        c.reservation.inject_fault(nth)
+        c.prefetch({a: 96})
+        c.check_integrity()                           # settles both tickets
+        c.reservation.inject_fault(0)
+        counters = c.counters
+        if nth:
+            assert counters["prefetch_failures"] == 1
+            if nth == 1:                              # the unmap failed: the idle slot keeps its pages
+                assert snapshot(c)[:5] == before[:5]
+        else:
+            assert counters["prefetch_failures"] == 0
+            assert c.stats().pages_mapped == spec.pages_for_tokens(96) - spec.pages_for_tokens(32) + \
+                spec.pages_for_tokens(128) + spec.pages_for_tokens(32)
+        maps = c.stats().map_calls
+        c.step({a: 96})
+        assert c.stats().map_calls == maps + (1 if nth else 0)
+        assert checksum(c, a, 32) == want
+        assert c.pool.resident_bytes() == c.stats().mapped_bytes
+        c.check_integrity()
+
+
 def test_interleaved_growth_keeps_mappings_merged():
     spec = small_spec(max_batch=8, max_seq_len=1024, layout="HND")
     with cache(spec) as c:

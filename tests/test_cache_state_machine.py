@@ -110,13 +110,14 @@ class CacheMachine(RuleBasedStateMachine):
         assert self.cache.stats().reclaimable_pages == 0
 
     @precondition(lambda self: self.lengths)
-    @rule(nth=st.integers(1, 6), grow=st.integers(1, MAX_SEQ))
-    def native_failure(self, nth, grow):
-        """The nth OS call of the next step fails: the step either completes or changes nothing."""
+    @rule(nth=st.integers(1, 6), grow=st.integers(1, MAX_SEQ), prefetch=st.booleans())
+    def native_failure(self, nth, grow, prefetch):
+        """The nth OS call of the next step (or of its prefetch, on the worker) fails: the step either
+        completes or changes nothing; a failed prefetch only means step() maps synchronously."""
         before = self.cache.stats()
         self.cache.reservation.inject_fault(nth)
         try:
-            self._step({s: min(MAX_SEQ, n + grow) for s, n in self.lengths.items()})
+            self._step({s: min(MAX_SEQ, n + grow) for s, n in self.lengths.items()}, prefetch=prefetch)
         except VmemDriverError:
             after = self.cache.stats()
             assert (after.used_pages, after.live_tokens, after.free_pages) == \

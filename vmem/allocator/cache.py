@@ -362,8 +362,10 @@ class VirtualKVCache(SlotCache):
     def prefetch(self, needs: Mapping[int, int]) -> None:
         """Start mapping what step(needs) will need on the native worker and return at once.
 
-        Uses free pages only (taking pages from idle slots is left to step); when the pool cannot cover
-        it, or the cache is synchronous, this does nothing and step() maps everything.
+        When free pages do not cover it, the pages step() would take back from idle slots are unmapped
+        by the worker first (one unmap job, then the map job; the queue is FIFO) - on the host only: on
+        CUDA an unmap must wait for kernels, so step() does it. If even that cannot cover it (step will
+        raise VmemOutOfMemory), or the cache is synchronous, this does nothing.
         """
         slots, tokens = self._parse_needs(needs)
         if self._mapper is None:
@@ -371,35 +373,83 @@ class VirtualKVCache(SlotCache):
         self._settle()
         g_slots, g_from, g_to = self._growth(slots, tokens)
         needed = int((g_to - g_from).sum()) * self.spec.rows_per_slot
-        if not needed or needed > self._table.num_free:
+        free = self._table.num_free
+        if not needed:
             return
+        reclaim = None
+        if needed > free:
+            protected = self._protected_columns(slots, tokens)
+            if self.device.type == "cuda" or needed > free + self._reclaimable_pages(protected):
+                return
+            keep = self._plan_reclaim(needed - free, protected)
+            before = {s: int(self._columns[s]) for s in keep}
+            rvirt = np.concatenate([self.spec.slot_virtual_pages(s, k, before[s]).reshape(-1)
+                                    for s, k in keep.items()])
+            rphys = self._table.phys[rvirt].astype(np.int64)
+            uticket = self._mapper.submit_unmap(self._reservation, rvirt)
+            self._table.clear(rvirt)
+            for s, k in keep.items():
+                self._columns[s] = k
+                self._inherited[s] = min(int(self._inherited[s]), k)
+            reclaim = (uticket, before, rvirt, rphys)
+            self._counters["reclaimed_pages"] += int(rvirt.size)
         virt, phys = self._place(g_slots, g_from, g_to)
         ticket = self._mapper.submit(self._reservation, virt, self._pool, phys)
         self._table.set(virt, phys)
-        self._pending = (ticket, virt, phys, g_slots, g_from)
+        self._pending = (ticket, virt, phys, g_slots, g_from, reclaim)
         self._columns[g_slots] = g_to
         self._counters["prefetch_pages"] += int(virt.size)
 
     def _settle(self) -> None:
-        """Wait for a prefetch in flight; undo its plan if the worker's map failed."""
+        """Wait for a prefetch in flight (only blocks if the worker is behind); undo what failed.
+
+        Unmap job failed: the idle slots keep their pages (the native call rolled back), so the plan is
+        undone here, including the map job if it went through (unmapped again, synchronously). Map job
+        failed: its pages go back to the pool (trimmed); the reclaim, if any, stands.
+        """
         if self._pending is None:
             return
-        ticket, virt, phys, g_slots, g_from = self._pending
+        ticket, virt, phys, g_slots, g_from, reclaim = self._pending
         self._pending = None
         t0 = time.perf_counter()
+        unmap_error = map_error = None
         try:
-            self._mapper.wait(ticket)
-        except VmemError as exc:
-            self._table.clear(virt)
-            self._columns[g_slots] = g_from
-            self._trim(phys)           # the worker's rollback unmapped them; memory it populated goes back
-            self._counters["prefetch_failures"] += 1
-            logger.warning("prefetch of %d pages failed (%s); step() will map them", virt.size, exc)
-        else:
-            self._counters["map_calls"] += 1
-            self._counters["pages_mapped"] += int(virt.size)
+            if reclaim is not None:
+                try:
+                    self._mapper.wait(reclaim[0])
+                    self._counters["unmap_calls"] += 1
+                    self._counters["pages_unmapped"] += int(reclaim[2].size)
+                except VmemError as exc:
+                    unmap_error = exc
+            try:
+                self._mapper.wait(ticket)
+            except VmemError as exc:
+                map_error = exc
         finally:
             self._counters["async_wait_seconds"] += time.perf_counter() - t0
+        if map_error is None and unmap_error is None:
+            self._counters["map_calls"] += 1
+            self._counters["pages_mapped"] += int(virt.size)
+            return
+        self._counters["prefetch_failures"] += 1
+        logger.warning("prefetch of %d pages failed (%s); step() will map them", virt.size, unmap_error or map_error)
+        if map_error is None:                  # mapped over pages the idle slots still hold: take it back
+            try:
+                self._unmap(virt)
+            except VmemError as exc:           # keep the aliases, counted: the page table says what is mapped
+                logger.warning("could not undo a prefetch after its unmap failed (%s)", exc)
+                if unmap_error is not None:
+                    self._table.set(reclaim[2], reclaim[3])
+                    for s, cols in reclaim[1].items():
+                        self._columns[s] = cols
+                return
+        self._table.clear(virt)
+        self._columns[g_slots] = g_from
+        if unmap_error is not None:
+            self._table.set(reclaim[2], reclaim[3])
+            for s, cols in reclaim[1].items():
+                self._columns[s] = cols
+        self._trim(np.flatnonzero((self._table.refcount == 0) & self._table.resident))
 
     # ---- statistics and checks --------------------------------------------------------------
     def stats(self) -> CacheStats:
