@@ -67,6 +67,7 @@ class Stress:
         self.tags: dict[int, float] = {}
         self.probes: dict[int, list[int]] = {}
         self.next_tag = 1.0
+        # failures_survived: steps that failed natively (rolled back) plus failed prefetches (undone)
         self.counts = dict(ops=0, steps=0, allocs=0, frees=0, reclaims=0, out_of_memory=0, faults_injected=0,
                            failures_survived=0, map_limit=0, integrity_checks=0, integrity_failures=0,
                            lost=0, prefetches=0)
@@ -203,6 +204,7 @@ class Stress:
         self.check()
         elapsed = time.perf_counter() - t0
         stats = self.cache.stats()
+        self.counts["failures_survived"] += self.cache.counters["prefetch_failures"]
         report = {
             "spec": self.spec.describe(), "backend": self.cache.reservation.backend.name,
             "reclaim": self.args.reclaim, "async": self.args.async_map, "seconds": round(elapsed, 3),
