@@ -252,6 +252,8 @@ def test_refuses_what_it_cannot_do(tmp_path):
     from vmem.errors import VmemInvalidArgument
 
     vc, cfg, kv, mapper, sched = make_engine(tmp_path)
+    with pytest.raises(VmemInvalidArgument, match="outside a slot"):
+        sched.kv_cache_manager.block_pool.get_new_blocks(1)            # e.g. a KV connector's path
     with pytest.raises(VmemInvalidArgument, match="layout"):
         vmem_vllm.worker.allocate_kv_cache(cfg, torch.device("cpu"), KVCacheLayout.LHBNC)
     with pytest.raises(VmemInvalidArgument, match="prefix caching"):

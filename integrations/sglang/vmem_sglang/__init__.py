@@ -60,7 +60,8 @@ def _around_build_mha_pool(original, self, *, max_total_num_tokens, mha_pool_cla
     from vmem_sglang.pool import VmemMHATokenToKVPool
 
     rtp = _req_to_token_pool.get()
-    if mha_pool_class is not MHATokenToKVPool or quant_method is not None or rtp is None:
+    if (mha_pool_class is not MHATokenToKVPool or quant_method is not None or rtp is None
+            or getattr(self, "kv_shard_rank", None) is not None):
         logger.warning("vmem_sglang: %s kept (only the plain MHA pool moves to vmem)", mha_pool_class.__name__)
         return original(self, max_total_num_tokens=max_total_num_tokens, mha_pool_class=mha_pool_class,
                         quant_method=quant_method, **kwargs)

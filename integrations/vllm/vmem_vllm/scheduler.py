@@ -1,13 +1,14 @@
 """Scheduler side: slots, contiguous block ids and admission by physical blocks.
 
 ``SlotTable`` is the policy and bookkeeping (pure, tested without vLLM). ``install`` fits it into a
-real ``vllm.v1.core.kv_cache_manager.KVCacheManager`` (0.33.0) by replacing four bound methods on the
+real ``vllm.v1.core.kv_cache_manager.KVCacheManager`` (0.33.0) by replacing bound methods on the
 instances, so vLLM's Scheduler, coordinator and BlockPool run unchanged:
 
     single-type manager .allocate_new_blocks   hands out ids slot*M+1+j instead of popping the free queue
     single-type manager .pop_blocks_for_free   the request gives its slot back (slot drains, see below)
     block pool .free_blocks                    counts blocks coming home per slot
     block pool .get_num_free_blocks / get_usage   report physical capacity, not free virtual ids
+    block pool .get_new_blocks                 refuses: any other allocation path would break slot ranges
     manager .allocate_slots                    refuses (returns None) a new request when no slot is free
 
 A slot whose request was freed stays *draining* until all its blocks are back in the pool (vLLM may
@@ -183,6 +184,11 @@ def install(kv_cache_manager, layout: SlotLayout, num_physical_blocks: int) -> S
     def get_usage():
         return table.num_used_blocks / table.num_physical_blocks
 
+    def get_new_blocks(num_blocks):
+        # Any other path that pops the free queue would hand out another slot's ids: refuse loudly.
+        raise VmemInvalidArgument("BlockPool.get_new_blocks(%d) outside a slot: a vLLM feature vmem's plugin does "
+                                  "not support (prefix caching, KV connectors, ...)" % num_blocks)
+
     orig_allocate_slots = kv_cache_manager.allocate_slots
 
     def allocate_slots(request, num_new_tokens, *args, **kwargs):
@@ -197,6 +203,7 @@ def install(kv_cache_manager, layout: SlotLayout, num_physical_blocks: int) -> S
     pool.free_blocks = free_blocks
     pool.get_num_free_blocks = get_num_free_blocks
     pool.get_usage = get_usage
+    pool.get_new_blocks = get_new_blocks
     kv_cache_manager.allocate_slots = allocate_slots
     kv_cache_manager.vmem_slots = table
     logger.info("vmem: %d slots x %d blocks (virtual ids 1..%d), %d physical blocks",
