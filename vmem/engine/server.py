@@ -31,7 +31,7 @@ from vmem.engine.openai_protocol import (
     ApiError, ChatCompletionRequest, CompletionRequest, ResponseShaper, TextStream,
     describe_validation_errors, error_body, new_id, usage,
 )
-from vmem.engine.server_loop import EngineLoop, ServerMetrics
+from vmem.engine.server_loop import EngineLoop, ServerMetrics, ShuttingDown
 from vmem.errors import VmemError, VmemInvalidArgument
 
 logger = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ class _Flight:
 def _engine_error(exc: BaseException) -> ApiError:
     if isinstance(exc, VmemInvalidArgument):
         return ApiError(400, str(exc), code="invalid_request")
-    if isinstance(exc, RuntimeError) and "shutting down" in str(exc):
+    if isinstance(exc, ShuttingDown):
         return ApiError(503, str(exc), type="server_error", code="shutting_down")
     return ApiError(500, "engine failure: %s: %s" % (type(exc).__name__, exc), type="server_error",
                     code="engine_error")

@@ -17,6 +17,10 @@ from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
 
+class ShuttingDown(RuntimeError):
+    """What requests still in flight receive when the engine loop stops."""
+
+
 Sink = Callable[[Any], None]   # receives a RequestOutput, or an exception if the request failed
 Post = Callable[..., Any]      # post(fn, *args): run fn(*args) on the consumer's thread
 
@@ -173,13 +177,13 @@ class EngineLoop:
             self._num_inbox_adds = 0
         for op in ops:
             if op[0] == "add":
-                self._outbox.append((op[2], RuntimeError("server is shutting down")))
+                self._outbox.append((op[2], ShuttingDown("server is shutting down")))
         for request_id, sink in list(self._sinks.items()):
             try:
                 self.engine.abort(request_id)
             except Exception:
                 logger.exception("abort of %s failed", request_id)
-            self._outbox.append((sink, RuntimeError("server is shutting down")))
+            self._outbox.append((sink, ShuttingDown("server is shutting down")))
         self._sinks.clear()
         self._refresh_stats()
 
