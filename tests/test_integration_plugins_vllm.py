@@ -5,7 +5,6 @@ the scheduler-side slot table, and the worker-side mapper on the real host backe
 import pathlib
 import sys
 
-import numpy as np
 import pytest
 import torch
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 import torch  # noqa: E402
 from vllm import SamplingParams  # noqa: E402
 from vllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, VllmConfig  # noqa: E402
-from vllm.v1.core.kv_cache_planning import get_global_kv_cache_groups, get_kv_cache_configs  # noqa: E402
+from vllm.v1.core.kv_cache_planning import get_global_kv_cache_groups  # noqa: E402
 from vllm.v1.core.kv_cache_utils import generate_scheduler_kv_cache_config  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
 from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
@@ -25,7 +25,6 @@ from vllm.v1.request import Request, RequestStatus  # noqa: E402
 from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 
 import vmem_vllm  # noqa: E402
-from vmem_vllm.worker import virtualize_kv_cache_configs  # noqa: E402
 
 BLOCK = 16
 HEADS, HEAD_DIM = 2, 64            # a block of one layer: 16 tokens x 2 heads x (K+V) 128 x fp16 = 8 KiB
