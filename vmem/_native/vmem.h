@@ -138,6 +138,7 @@ int vmem_pool_trim(vmem_pool_t *p, const int64_t *phys, int64_t n, vmem_err_t *e
 int vmem_pool_close(vmem_pool_t *p);
 int vmem_pool_info(vmem_pool_t *p, vmem_pool_info_t *out);
 int32_t vmem_pool_id(vmem_pool_t *p);
+/* The same, counted over the map ops (one per run) that use this pool. */
 int vmem_pool_inject_fault(vmem_pool_t *p, int64_t nth, int status);
 
 /* ---- map / unmap ----
@@ -152,7 +153,8 @@ int vmem_unmap(vmem_resv_t *r, const int64_t *virt, int64_t n, vmem_err_t *err);
 /* ---- async worker (worker.c) ----
  * One pthread with a FIFO. submit copies the arrays and returns a ticket at once; wait blocks until that
  * job ran and returns its status (err filled like vmem_map's). Each ticket is waited at most once.
- * pre: r, p stay open (the worker holds references). n = 0 is a no-op job. */
+ * pre: r, p open at submit; the job holds references, and finds CLOSED if they close before it runs.
+ * n = 0 is a no-op job. */
 int vmem_worker_create(vmem_worker_t **out);
 int vmem_worker_submit_map(vmem_worker_t *w, vmem_resv_t *r, vmem_pool_t *p, const int64_t *virt,
                            const int64_t *phys, int64_t n, uint64_t *ticket);
