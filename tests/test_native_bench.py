@@ -19,6 +19,6 @@ def test_native_map_bench_tiny(tmp_path):
     assert [r["page_bytes"] for r in report["results"]] == [4096, 65536, 2 << 20]
     for r in report["results"]:
         assert set(r["modes"]) == {"raw", "batched", "per_call", "contiguous", "async"}
-        assert r["os_map_calls_per_mode"]["contiguous"] == 1
-        assert r["os_map_calls_per_mode"]["batched"] == r["num_pages"]
+        assert r["map_runs_per_mode"]["contiguous"] == 1
+        assert r["map_runs_per_mode"]["batched"] == r["num_pages"]
         assert all(m["map_ns_per_page"] > 0 for m in r["modes"].values())
