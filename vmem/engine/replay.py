@@ -34,10 +34,10 @@ class ReplayConfig:
     trace: str | None = None               # CSV path; None = bundled Azure conversation trace
     synthetic: int = 0                     # > 0: a seeded synthetic workload of this many requests instead
     start_s: float = 600.0                 # window of the trace, original seconds
-    duration_s: float | None = 60.0
+    duration_s: float | None = 180.0
     max_requests: int | None = None
     time_scale: float = 1.0
-    rate: float | None = None              # target mean req/s (overrides time_scale)
+    rate: float | None = 25.0              # target mean req/s (overrides time_scale; None keeps the trace's)
     length_scale: float = 0.125
     output_scale: float | None = 0.25
     max_prompt_tokens: int = 384
@@ -75,6 +75,7 @@ class RunResult:
     metrics: dict
     stats: dict
     peak_physical_kv_bytes: int
+    peak_used_kv_bytes: int
     peak_running: int
     num_preemptions: int
     map_calls: int
@@ -93,10 +94,9 @@ def _token_bytes(spec) -> int:
 
 
 def _physical_bytes(stats: dict) -> int:
-    for key in ("mapped_bytes", "physical_bytes", "resident_bytes"):
-        if key in stats:
-            return int(stats[key])
-    return 0
+    """Physical KV memory a cache holds: what vmem has mapped (free pool pages cost nothing until
+    mapped); the paged pool and the static slots are allocated whole up front."""
+    return int(stats["mapped_bytes"] if stats["kind"] == "vmem" else stats["total_bytes"])
 
 
 def _map_calls(stats: dict) -> int:
@@ -151,7 +151,7 @@ def run_trace(engine: Engine, reqs: list[workloads.TraceRequest], prompts: list[
             r.prompt_tokens + r.output_tokens <= engine.max_seq_len]
     num_skipped = len(reqs) - len(todo)
     records: dict[str, RequestRecord] = {}
-    timeline = {"t_s": [], "physical_kv_bytes": [], "running": [], "waiting": []}
+    timeline = {"t_s": [], "physical_kv_bytes": [], "used_kv_bytes": [], "running": [], "waiting": []}
     bar = _Progress(len(todo), label, enabled=progress)
     peak_running = 0
     map_calls_before = _map_calls(engine.stats())
@@ -184,6 +184,7 @@ def run_trace(engine: Engine, reqs: list[workloads.TraceRequest], prompts: list[
             stats = engine.stats()
             timeline["t_s"].append(now - t_start)
             timeline["physical_kv_bytes"].append(_physical_bytes(stats))
+            timeline["used_kv_bytes"].append(int(stats["used_bytes"]))
             timeline["running"].append(engine.num_running)
             timeline["waiting"].append(engine.num_waiting)
             next_sample = now - t_start + sample_interval_s
@@ -193,16 +194,11 @@ def run_trace(engine: Engine, reqs: list[workloads.TraceRequest], prompts: list[
     stats = engine.stats()
     metrics = compute_metrics(list(records.values()), end - first)
     return RunResult(engine.cache.kind, metrics, stats,
-                     peak_physical_kv_bytes=max([_peak_physical(stats)] + timeline["physical_kv_bytes"]),
+                     peak_physical_kv_bytes=max([_physical_bytes(stats)] + timeline["physical_kv_bytes"]),
+                     peak_used_kv_bytes=max([int(stats["peak_used_pages"]) * int(stats["page_bytes"])]
+                                            + timeline["used_kv_bytes"]),
                      peak_running=peak_running, num_preemptions=engine.num_preemptions,
                      map_calls=_map_calls(stats) - map_calls_before, num_skipped=num_skipped, timeline=timeline)
-
-
-def _peak_physical(stats: dict) -> int:
-    for key in ("peak_mapped_bytes", "peak_physical_bytes"):
-        if key in stats:
-            return int(stats[key])
-    return _physical_bytes(stats)
 
 
 def replay(cfg: ReplayConfig, kinds=CACHE_KINDS, *, progress: bool = True) -> dict:
@@ -246,7 +242,8 @@ ROWS = [
     ("ITL p99 ms", lambda r: r["metrics"]["itl_ms"]["p99"], "{:.1f}"),
     ("E2E p50 ms", lambda r: r["metrics"]["e2el_ms"]["p50"], "{:.0f}"),
     ("E2E p99 ms", lambda r: r["metrics"]["e2el_ms"]["p99"], "{:.0f}"),
-    ("peak physical KV MiB", lambda r: r["peak_physical_kv_bytes"] / 2**20, "{:.1f}"),
+    ("peak physical KV MiB", lambda r: r["peak_physical_kv_bytes"] / 2**20, "{:.2f}"),
+    ("peak used KV MiB", lambda r: r["peak_used_kv_bytes"] / 2**20, "{:.2f}"),
     ("peak running requests", lambda r: r["peak_running"], "{}"),
     ("preemptions", lambda r: r["num_preemptions"], "{}"),
     ("map calls", lambda r: r["map_calls"], "{}"),
@@ -271,14 +268,19 @@ def plot(result: dict, path: str | Path) -> Path:
     fig, (ax_mem, ax_run) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     for kind, run in result["runs"].items():
         tl = run["timeline"]
-        ax_mem.step(tl["t_s"], np.asarray(tl["physical_kv_bytes"]) / 2**20, where="post", label=kind)
-        ax_run.step(tl["t_s"], tl["running"], where="post", label=kind)
+        line, = ax_mem.step(tl["t_s"], np.asarray(tl["physical_kv_bytes"]) / 2**20, where="post",
+                            label="%s physical" % kind)
+        ax_mem.step(tl["t_s"], np.asarray(tl["used_kv_bytes"]) / 2**20, where="post", linestyle=":",
+                    color=line.get_color(), label="%s used by live requests" % kind)
+        ax_run.step(tl["t_s"], tl["running"], where="post", label=kind, color=line.get_color())
     w = result["workload"]
     ax_mem.set_title("replay: %d requests, %.2f req/s" % (w["num_requests"], w.get("rate_per_s", math.nan)))
-    ax_mem.set_ylabel("physical KV (MiB)")
+    ax_mem.set_ylabel("KV memory (MiB)")
     ax_run.set_ylabel("running requests")
     ax_run.set_xlabel("wall time (s)")
-    ax_mem.legend()
+    ax_mem.set_ylim(0, ax_mem.get_ylim()[1] * 1.3)       # room for the legend above the lines
+    ax_mem.legend(fontsize=7, ncol=3, loc="upper center")
+    ax_run.legend(fontsize=8)
     ax_mem.grid(alpha=0.3)
     ax_run.grid(alpha=0.3)
     fig.tight_layout()

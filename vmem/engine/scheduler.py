@@ -108,6 +108,16 @@ class Scheduler:
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
         """Oldest first; preempt the newest while the cache cannot map what this step needs."""
+        plan, left = [], budget
+        for seq in self.running:
+            n = min(seq.num_pending_tokens, self.prefill_chunk_tokens, left)
+            if n > 0:
+                plan.append((seq, n))
+                left -= n
+        if self.cache.can_allocate({seq.slot: seq.num_cached_tokens + n for seq, n in plan}):
+            for seq, n in plan:                # fast path: one query when everything fits
+                self._add(batch, seq, n)
+            return left
         i = 0
         while i < len(self.running):
             seq = self.running[i]
