@@ -178,7 +178,10 @@ class PagePool:
               "inject_fault")
 
     def close(self) -> None:
-        """Close the pool. Memory under existing mappings lives on until they are unmapped."""
+        """Close the pool. Memory under existing mappings lives on until they are unmapped.
+
+        Not concurrently with a map on another thread that uses this pool (queued AsyncMapper jobs are safe).
+        """
         if self._h is not None:
             h, self._h = self._h, None
             ffi.release(h)
@@ -321,7 +324,11 @@ class Reservation:
             ffi.release(h)
 
     def close(self) -> None:
-        """Unmap everything and free the range, once no tensor view is left (else when the last dies)."""
+        """Unmap everything and free the range, once no tensor view is left (else when the last dies).
+
+        Not concurrently with a map/unmap of this reservation on another thread (join it first);
+        jobs queued on an AsyncMapper are safe: they hold the native object and report VmemClosedError.
+        """
         with self._lock:
             if self._closing:
                 return
