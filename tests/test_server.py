@@ -380,6 +380,25 @@ def test_preemption_under_memory_pressure_loses_nothing(reference):
         live.stop()
 
 
+def test_request_that_can_never_fit_in_memory_is_a_400():
+    # 4 pages of 4 KiB: one page per layer and K/V, 32 tokens; the request outgrows it alone.
+    live = LiveServer(build_engine(**{**ENGINE_KW, "page_bytes": 4096, "memory_bytes": 4 * 4096}))
+    body = {"model": MODEL, "prompt": "0123456789", "max_tokens": 60, "ignore_eos": True}
+    try:
+        r = httpx.post(live.url + "/v1/completions", json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "request_too_large", r.text
+        with httpx.stream("POST", live.url + "/v1/completions", json={**body, "stream": True}, timeout=30) as s:
+            events = [e for e in "".join(s.iter_text()).split("\n\n") if e]
+        assert json.loads(events[-2][len("data: "):])["error"]["code"] == "request_too_large"
+        assert events[-1] == "data: [DONE]"
+        m = live.wait_idle()
+        assert m[("vmem_requests_finished_total", (("reason", "error"),))] == 2
+        ok = live.client.completions.create(model=MODEL, prompt="short", max_tokens=8)   # fits: still served
+        assert ok.usage.completion_tokens >= 1
+    finally:
+        live.stop()
+
+
 def _aborts(m: dict) -> float:
     return m.get(("vmem_requests_finished_total", (("reason", "abort"),)), 0)
 
