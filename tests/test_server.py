@@ -19,6 +19,7 @@ import time
 import pytest
 import torch
 
+pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")

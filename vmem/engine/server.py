@@ -21,10 +21,13 @@ import sys
 import time
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as exc:   # an optional dependency
+    raise ImportError("vmem serve needs FastAPI and uvicorn: pip install 'vmem[server]' (%s)" % exc) from exc
 
 from vmem.engine.engine import Request as EngineRequest, SamplingParams
 from vmem.engine.openai_protocol import (
