@@ -68,47 +68,57 @@ class BlockMapper:
         self._live = np.zeros(block_pages.num_blocks, dtype=np.int32)      # requests holding each block
         self._free_phys = list(range(self.num_physical_blocks, 0, -1))      # a stack; 0 backs the null block
         self._req_blocks: dict[str, list[int]] = {}
-        self._newly_live: list[int] = []
+        self._newly_live: list[int] = []     # blocks that became live since the last sync
+        self._newly_idle: list[int] = []     # blocks that became idle since the last sync
         self.counters = dict(map_calls=0, unmap_calls=0, blocks_mapped=0, blocks_unmapped=0, blocks_reused=0)
         self._map_blocks(np.array([0], dtype=np.int64), np.array([0], dtype=np.int64))
 
     # ---- bookkeeping of live requests (no OS calls) ----
     def update(self, *, removed: Iterable[str] = (), assigned: Mapping[str, list[int]] | None = None,
-               appended: Mapping[str, list[int]] | None = None) -> None:
+               appended: Mapping[str, list[int]] | None = None) -> list[tuple[str, list[int]]]:
         """Requests ``removed`` (finished / preempted) drop their blocks; ``assigned`` ones get exactly
-        these block ids (new or resumed requests); ``appended`` ones grow by these ids."""
+        these block ids (new or resumed requests); ``appended`` ones grow by these ids.
+        Returns the undo log of the additions: [(request id, its blocks before)]."""
+        undo = []
         for req_id in removed:
             self._set_blocks(req_id, [])
         for req_id, ids in (assigned or {}).items():
+            undo.append((req_id, self._req_blocks.get(req_id, [])))
             self._set_blocks(req_id, list(ids))
         for req_id, ids in (appended or {}).items():
             if ids:
-                self._set_blocks(req_id, self._req_blocks.get(req_id, []) + list(ids))
+                old = self._req_blocks.get(req_id, [])
+                undo.append((req_id, old))
+                self._set_blocks(req_id, old + list(ids))
+        return undo
 
     def _set_blocks(self, req_id: str, ids: list[int]) -> None:
+        arr = np.asarray(ids, dtype=np.int64)
+        if arr.size and (arr.min() < 1 or arr.max() >= self.layout.num_virtual_blocks):
+            raise VmemInvalidArgument("block ids of %r outside [1, %d): %s"
+                                      % (req_id, self.layout.num_virtual_blocks, ids))
         old = self._req_blocks.pop(req_id, [])
-        if old:
-            np.subtract.at(self._live, np.asarray(old, dtype=np.int64), 1)
-        if ids:
-            arr = np.asarray(ids, dtype=np.int64)
-            if arr.min() < 1 or arr.max() >= self.layout.num_virtual_blocks:
-                raise VmemInvalidArgument("block ids of %r outside [1, %d): %s"
-                                          % (req_id, self.layout.num_virtual_blocks, ids))
+        old_arr = np.asarray(old, dtype=np.int64)
+        np.subtract.at(self._live, old_arr, 1)
+        if arr.size:
             kept = set(old)
             self._newly_live.extend(b for b in arr[self._live[arr] == 0].tolist() if b not in kept)
             np.add.at(self._live, arr, 1)
-            self._req_blocks[req_id] = ids
+            self._req_blocks[req_id] = list(ids)
+        self._newly_idle.extend(old_arr[self._live[old_arr] == 0].tolist())
 
     def apply(self, *, removed: Iterable[str] = (), assigned: Mapping[str, list[int]] | None = None,
               appended: Mapping[str, list[int]] | None = None) -> None:
-        """``update`` then ``sync``, all or nothing: if the blocks cannot be mapped (VmemOutOfMemory, a
-        driver error) the bookkeeping is as before the call and no live block lost its pages."""
-        saved = (dict(self._req_blocks), self._live.copy())
+        """``update`` then ``sync``. If the new blocks cannot be mapped (VmemOutOfMemory, a driver error)
+        the additions are undone and every block still live keeps its pages; removals are facts (the
+        scheduler finished those requests) and stay. Work is proportional to the blocks that changed."""
+        undo = []
         try:
-            self.update(removed=removed, assigned=assigned, appended=appended)
+            undo = self.update(removed=removed, assigned=assigned, appended=appended)
             self.sync()
         except BaseException:
-            self._req_blocks, self._live = saved
+            for req_id, old in reversed(undo):
+                self._set_blocks(req_id, old)
             self._newly_live.clear()
             raise
 
@@ -128,17 +138,18 @@ class BlockMapper:
 
     # ---- mapping (talks to the OS / driver) ----
     def sync(self) -> None:
-        """Map every live block that is not mapped, in one call; reclaim idle blocks only if needed."""
-        mapped = self._phys >= 0
+        """Map the blocks that became live and are not mapped, in one call; reclaim idle blocks only if
+        the pool is short (eager: unmap the blocks that became idle)."""
+        fresh = np.unique(np.asarray(self._newly_live, dtype=np.int64))
+        idle = np.unique(np.asarray(self._newly_idle, dtype=np.int64))
+        self._newly_live.clear()
+        self._newly_idle.clear()
+        fresh = fresh[self._live[fresh] > 0]
         if self.reclaim == "eager":
-            idle = np.flatnonzero(mapped & (self._live == 0))
-            self._unmap_blocks(idle[idle != 0])
-            mapped = self._phys >= 0
-        if self._newly_live:
-            fresh = np.unique(np.asarray(self._newly_live, dtype=np.int64))
-            self.counters["blocks_reused"] += int(np.count_nonzero(mapped[fresh]))
-            self._newly_live.clear()
-        need = np.flatnonzero((self._live > 0) & ~mapped)
+            self._unmap_blocks(idle[(self._live[idle] == 0) & (self._phys[idle] >= 0)])
+        mapped = self._phys[fresh] >= 0
+        self.counters["blocks_reused"] += int(np.count_nonzero(mapped))
+        need = fresh[~mapped]
         if need.size == 0:
             return
         shortfall = need.size - len(self._free_phys)
