@@ -175,3 +175,85 @@ def test_integrity_check_sees_a_page_mapped_behind_its_back(mapper):
     m.reservation.unmap(m.block_pages.pages([1])[:1])
     with pytest.raises(VmemIntegrityError):
         m.check_integrity()
+
+
+# ---- state machine: scheduler-side slot table + worker-side mapper, as vLLM drives them --------------
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule  # noqa: E402
+
+
+class SlotsAndPages(RuleBasedStateMachine):
+    """Requests admitted, grown and finished at random. The table hands out slot-contiguous ids under
+    the physical budget, the mapper maps them (deferred reclamation), and every live block keeps its
+    data: each block's first byte holds its request's mark, written when the block was handed out."""
+
+    SLOTS, PER_SLOT, PHYSICAL = 3, 4, 7
+
+    @initialize()
+    def setup(self):
+        self.layout = SlotLayout(self.SLOTS, self.PER_SLOT)
+        v = self.layout.num_virtual_blocks
+        bp = BlockPages([TensorPlacement(0, 1, PAGE, PAGE, PAGE)], PAGE, v)
+        self.table = SlotTable(self.layout, self.PHYSICAL)
+        self.mapper = BlockMapper(get_backend("host"), bp, self.layout, self.PHYSICAL)
+        self.view = self.mapper.reservation.tensor(torch.uint8, (v, PAGE))
+        self.blocks = {}                 # request -> its block ids
+        self.marks = {}
+        self.next_id = 0
+
+    def teardown(self):
+        if hasattr(self, "mapper"):
+            del self.view
+            self.mapper.close()
+
+    def _grow(self, req, n):
+        slot = self.table.acquire(req)
+        first = len(self.blocks.get(req, []))
+        n = min(n, self.layout.blocks_per_slot - first, self.table.num_free_physical_blocks)
+        if n <= 0:
+            return
+        self.table.take_blocks(slot, n)
+        ids = self.layout.block_ids(slot, first, first + n)
+        if first:
+            self.mapper.apply(appended={req: ids})
+        else:
+            self.mapper.apply(assigned={req: ids})
+        self.blocks.setdefault(req, []).extend(ids)
+        for b in ids:
+            self.view[b, 0] = self.marks[req]
+
+    @precondition(lambda self: self.table.num_free_slots and self.table.num_free_physical_blocks)
+    @rule(n=st.integers(1, 4))
+    def admit(self, n):
+        req = "r%d" % self.next_id
+        self.next_id += 1
+        self.marks[req] = 1 + self.next_id % 250
+        self._grow(req, n)
+
+    @precondition(lambda self: self.blocks)
+    @rule(data=st.data(), n=st.integers(1, 2))
+    def grow(self, data, n):
+        self._grow(data.draw(st.sampled_from(sorted(self.blocks))), n)
+
+    @precondition(lambda self: self.blocks)
+    @rule(data=st.data())
+    def finish(self, data):
+        req = data.draw(st.sampled_from(sorted(self.blocks)))
+        ids = self.blocks.pop(req)
+        self.table.release(req)
+        self.table.return_blocks(ids)
+        self.mapper.apply(removed=[req])
+
+    @invariant()
+    def consistent(self):
+        if not hasattr(self, "mapper"):
+            return
+        self.table.check()
+        self.mapper.check_integrity()
+        assert self.mapper.stats()["mapped_blocks"] <= self.PHYSICAL
+        for req, ids in self.blocks.items():
+            assert ids == self.layout.block_ids(self.table.slot_of_request(req), 0, len(ids))
+            assert all(int(self.view[b, 0]) == self.marks[req] for b in ids)
+
+
+TestSlotsAndPages = SlotsAndPages.TestCase
