@@ -400,6 +400,26 @@ def test_request_that_can_never_fit_in_memory_is_a_400():
         live.stop()
 
 
+def test_broken_allocator_invariants_take_the_server_down_loudly():
+    from vmem.errors import VmemIntegrityError
+    live = LiveServer(build_engine(**ENGINE_KW))
+    try:
+        def broken():
+            raise VmemIntegrityError("injected: page table disagrees with the mappings")
+        live.engine.cache.check_integrity = broken   # checked each time the engine goes idle
+        r = live.client.completions.create(model=MODEL, prompt="last one", max_tokens=2)
+        assert r.usage.completion_tokens >= 1
+        deadline = time.monotonic() + 5
+        while httpx.get(live.url + "/health", timeout=5).status_code != 503:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        after = httpx.post(live.url + "/v1/completions", json={"model": MODEL, "prompt": "x"}, timeout=5)
+        assert after.status_code == 503 and "injected" in after.json()["error"]["message"]
+        assert live.metrics()[("vmem_engine_up", ())] == 0
+    finally:
+        live.stop()
+
+
 def _aborts(m: dict) -> float:
     return m.get(("vmem_requests_finished_total", (("reason", "abort"),)), 0)
 

@@ -102,6 +102,9 @@ class ServerState:
             raise ApiError(400, "the prompt has %d tokens; this server accepts at most %d"
                            % (num_prompt, max_prompt), code="prompt_too_long", param="prompt")
         max_tokens = self._max_tokens(body, num_prompt)
+        if not self.engine_loop.alive:
+            raise ApiError(503, "the engine is down: %r" % (self.engine_loop.error,), type="server_error",
+                           code="engine_down")
         if self.engine_loop.num_queued >= self.limits.max_queued:
             raise ApiError(429, "server busy: %d requests already queued (limit %d); retry later"
                            % (self.engine_loop.num_queued, self.limits.max_queued),

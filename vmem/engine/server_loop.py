@@ -93,11 +93,12 @@ class EngineLoop:
 
     # -- engine thread ---------------------------------------------------------------------------
     def _run(self) -> None:
-        last_stats = 0.0
+        last_stats, busy = 0.0, False
         try:
             while not self._stop.is_set():
                 self._drain()
                 if self.engine.has_work():
+                    busy = True
                     self._step()
                     self._flush()
                     now = time.monotonic()
@@ -106,6 +107,9 @@ class EngineLoop:
                         last_stats = now
                     continue
                 self._flush()
+                if busy:   # just went idle: the cheap moment to check the allocator's invariants
+                    busy = False
+                    self.engine.cache.check_integrity()
                 self._refresh_stats()
                 self._wakeup.wait(self._idle_wait_s)
                 self._wakeup.clear()
