@@ -136,9 +136,13 @@ class Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, gen) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
         self.lm_head = _weight(cfg.vocab_size, cfg.hidden_size, cfg, gen)
+        # rotary table for every position, computed once in float64: [max_position, head_dim] float32
         half = cfg.head_dim // 2
-        self.register_buffer("inv_freq", 1.0 / cfg.rope_theta ** (torch.arange(half, dtype=torch.float64) / half),
-                             persistent=False)
+        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(half, dtype=torch.float64) / half)
+        angles = torch.arange(cfg.max_position, dtype=torch.float64).unsqueeze(1) * inv_freq
+        angles = torch.cat([angles, angles], dim=-1)
+        self.register_buffer("rope_cos", angles.cos().float(), persistent=False)
+        self.register_buffer("rope_sin", angles.sin().float(), persistent=False)
         self.eval()
 
     @property
@@ -190,9 +194,7 @@ class Model(nn.Module):
 
     def _rope(self, positions: torch.Tensor):
         """cos, sin [B, S, 1, D] (float32) for NeoX-style rotation (halves, as in Hugging Face Llama)."""
-        angles = positions.to(torch.float64).unsqueeze(-1) * self.inv_freq      # [B, S, D/2]
-        angles = torch.cat([angles, angles], dim=-1).unsqueeze(2)
-        return angles.cos().float(), angles.sin().float()
+        return self.rope_cos[positions].unsqueeze(2), self.rope_sin[positions].unsqueeze(2)
 
     def _check_ids(self, input_ids) -> tuple[int, int]:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.int64 \
