@@ -106,3 +106,85 @@ def test_integrity_check_sees_a_lost_row(slots):
     slots._row_of_slot.clear()
     with pytest.raises(VmemIntegrityError):
         slots.check_integrity()
+
+
+# ---- state machine: requests through TokenSlots as SGLang's scheduler drives the allocator -----------
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule  # noqa: E402
+
+
+class RowsAndTokens(RuleBasedStateMachine):
+    """Rows extended, decoded and freed at random; refusals change nothing; every token written keeps
+    its value (K of layer 0 holds the token's own position) while its request lives."""
+
+    ROWS = 4
+
+    @initialize()
+    def setup(self):
+        self.cache, rt = make_cache(num_rows=self.ROWS, max_context_len=64, page_size=PAGE, num_tokens=80,
+                                    head_num=2, head_dim=64, layer_num=1, dtype=torch.float16,
+                                    backend=get_backend("host"))
+        self.slots = TokenSlots(self.cache, rt)
+        self.k = self.cache.kv(0)[0].view(-1, 2, 64)
+        self.lens = {}                                   # row -> tokens
+
+    def teardown(self):
+        if hasattr(self, "cache"):
+            del self.k
+            self.cache.close()
+
+    def _write(self, ids):
+        if ids is not None and len(ids):
+            self.k[torch.from_numpy(ids)] = torch.from_numpy(ids % self.slots.row_tokens).to(torch.float16).view(-1, 1, 1)
+
+    @precondition(lambda self: len(self.lens) < self.ROWS)
+    @rule(n=st.integers(1, 40))
+    def extend_new(self, n):
+        row = min(set(range(1, self.ROWS + 1)) - set(self.lens))
+        before = self.slots.available_tokens()
+        ids = self.slots.extend([row], [0], [n])
+        if ids is None:
+            assert self.slots.slot_of_row(row) is None and self.slots.available_tokens() == before
+            return
+        self._write(ids)
+        self.lens[row] = n
+
+    @precondition(lambda self: self.lens)
+    @rule(data=st.data(), n=st.integers(1, 20))
+    def extend_more(self, data, n):
+        row = data.draw(st.sampled_from(sorted(self.lens)))
+        n = min(n, self.slots.row_tokens - self.lens[row])
+        ids = self.slots.extend([row], [self.lens[row]], [self.lens[row] + n])
+        if ids is not None:
+            self._write(ids)
+            self.lens[row] += n
+
+    @precondition(lambda self: any(n < 64 for n in self.lens.values()))
+    @rule(data=st.data())
+    def decode(self, data):
+        row = data.draw(st.sampled_from(sorted(r for r, n in self.lens.items() if n < 64)))
+        last = self.slots.slot_of_row(row) * self.slots.row_tokens + self.lens[row] - 1
+        ids = self.slots.decode([last], [self.lens[row] + 1])
+        if ids is not None:
+            self._write(ids)
+            self.lens[row] += 1
+
+    @precondition(lambda self: self.lens)
+    @rule(data=st.data())
+    def finish(self, data):
+        row = data.draw(st.sampled_from(sorted(self.lens)))
+        slot = self.slots.slot_of_row(row)
+        assert self.slots.free(slot * self.slots.row_tokens + np.arange(self.lens.pop(row))) == [row]
+
+    @invariant()
+    def consistent(self):
+        if not hasattr(self, "cache"):
+            return
+        self.slots.check_integrity()
+        for row, n in self.lens.items():
+            slot = self.slots.slot_of_row(row)
+            got = self.k[slot * self.slots.row_tokens + torch.arange(n), 0, 0]
+            assert torch.equal(got, torch.arange(n, dtype=torch.float16))
+
+
+TestRowsAndTokens = RowsAndTokens.TestCase
