@@ -392,8 +392,11 @@ def test_request_that_can_never_fit_in_memory_is_a_400():
             events = [e for e in "".join(s.iter_text()).split("\n\n") if e]
         assert json.loads(events[-2][len("data: "):])["error"]["code"] == "request_too_large"
         assert events[-1] == "data: [DONE]"
+        with pytest.raises(openai.APIError, match="does not fit"):   # the official client raises it
+            list(live.client.completions.create(model=MODEL, prompt=body["prompt"], max_tokens=60, stream=True,
+                                                extra_body={"ignore_eos": True}))
         m = live.wait_idle()
-        assert m[("vmem_requests_finished_total", (("reason", "error"),))] == 2
+        assert m[("vmem_requests_finished_total", (("reason", "error"),))] == 3
         ok = live.client.completions.create(model=MODEL, prompt="short", max_tokens=8)   # fits: still served
         assert ok.usage.completion_tokens >= 1
     finally:
