@@ -103,10 +103,6 @@ def seqlens_list(cache_seqlens, batch: int, default: int) -> list[int]:
     return values
 
 
-def empty_like_out(q: torch.Tensor) -> torch.Tensor:
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
-
-
 def attend(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
     """Attention of q over key/value, causal mask aligned to the bottom-right corner.
 

@@ -106,7 +106,7 @@ def reference_flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache
     if seqlen_new and cache_seqlens is None:
         fail("cache_seqlens is required when k and v are appended")
     seqlens = seqlens_list(cache_seqlens, batch, seqlen_cache)
-    rows = _rows(cache_batch_idx, batch, batch_cache, q.device)
+    rows = _rows(cache_batch_idx, batch, batch_cache)
     ends = [s + seqlen_new for s in seqlens]
     longest = max(ends)
     if longest > seqlen_cache:
@@ -139,7 +139,7 @@ def reference_flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache
     return out
 
 
-def _rows(cache_batch_idx, batch: int, batch_cache: int, device) -> list[int]:
+def _rows(cache_batch_idx, batch: int, batch_cache: int) -> list[int]:
     if cache_batch_idx is None:
         if batch > batch_cache:
             fail("q has batch %d but the cache has only %d rows; pass cache_batch_idx", batch, batch_cache)
