@@ -11,7 +11,10 @@
  * Implementation. Jobs live in one list in submit order; the thread runs the oldest queued job with
  * vmem_map / vmem_unmap, which lock the reservation and roll back a failed batch themselves, so a
  * failure leaves nothing behind. The thread touches no Python object. All signals are blocked in it, so
- * Python's handlers keep running in the main thread. close() lets the queue drain, then joins.
+ * Python's handlers keep running in the main thread. It runs under SCHED_BATCH: on a busy CPU a woken
+ * worker that had slept long otherwise preempted the submitting thread for a whole time slice (submit of
+ * 4096 pages measured 13 ms instead of 70 µs on the 2-core test machine). close() lets the queue drain,
+ * then joins.
  *
  * Limitations. One thread: jobs run in order, one at a time. A ticket that is never waited stays in
  * the list until close().
@@ -19,6 +22,7 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
+#include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -64,6 +68,12 @@ static job_t *next_queued(vmem_worker_t *w)
 static void *worker_main(void *arg)
 {
     vmem_worker_t *w = arg;
+#ifdef SCHED_BATCH
+    /* background work: a woken worker must not preempt the thread that submitted (the model's), so
+     * no wakeup preemption for it (best effort; the policy needs no privilege) */
+    struct sched_param sp = {0};
+    pthread_setschedparam(pthread_self(), SCHED_BATCH, &sp);
+#endif
     pthread_mutex_lock(&w->lock);
     for (;;) {
         job_t *j = next_queued(w);
