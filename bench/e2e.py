@@ -220,6 +220,7 @@ def main(argv=None):
     p.add_argument("--memory-mib", type=float, default=None, help="KV budget of every cache (default: 8 full sequences)")
     p.add_argument("--page-bytes", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads, the same for every engine")
     p.add_argument("--only", choices=("azure", "decode-heavy"), default=None)
     p.add_argument("--hf-python", default=str(ROOT / ".venv-hf" / "bin" / "python"))
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face peer")
@@ -231,6 +232,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.hf_worker:
         return hf_worker(args.hf_worker)
+    import torch
+    torch.set_num_threads(args.threads)
     result = {"machine": {"cpus": os.cpu_count(), "threads": _threads(), "loadavg_start": os.getloadavg()},
               "args": {k: v for k, v in vars(args).items() if k != "hf_worker"}, "workloads": {}}
     wls = workloads(args)
