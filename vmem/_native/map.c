@@ -90,7 +90,7 @@ static int injected(int64_t *nth, int status)
 static int op_fault(vmem_resv_t *r, vmem_pool_t *p, vmem_err_t *err, int64_t index)
 {
     int st = injected(&r->fault_nth, r->fault_status);
-    if (!st && p) {
+    if (!st && p && __atomic_load_n(&p->fault_nth, __ATOMIC_RELAXED) > 0) {  /* lock only when armed */
         pthread_mutex_lock(&p->lock);
         st = injected(&p->fault_nth, p->fault_status);
         pthread_mutex_unlock(&p->lock);
