@@ -90,6 +90,31 @@ def test_no_append_reads_cache_only(layout):
     assert torch.equal(k_nhd, snapshot)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("seqlen_new", [1, 4])
+def test_nothing_past_the_length_is_used(layout, seqlen_new):
+    """Poison every position at or past cache_seqlens + seqlen_new (and unused rows) with NaN: one NaN read
+    into the softmax would spread to the output. On CUDA those pages may be unmapped."""
+    gen = torch.Generator().manual_seed(5)
+    k_cache, v_cache, k_nhd, v_nhd = make_cache(layout, torch.float32, gen)
+    rows, seqlens = [2, 3, 0], [10, 10, 33]
+    for t in (k_nhd, v_nhd):
+        keep = torch.zeros(MAX_BATCH, MAX_SEQ, dtype=torch.bool)
+        for r, s in zip(rows, seqlens):
+            keep[r, :s] = True
+        t[~keep] = float("nan")
+    q = torch.randn(3, seqlen_new, 4, D, generator=gen)
+    k_new = torch.randn(3, seqlen_new, HKV, D, generator=gen)
+    v_new = torch.randn(3, seqlen_new, HKV, D, generator=gen)
+    want = expected(q, k_nhd.clone(), v_nhd.clone(), rows, seqlens, k_new, v_new, True)
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new,
+                                  cache_seqlens=torch.tensor(seqlens, dtype=torch.int32),
+                                  cache_batch_idx=torch.tensor(rows, dtype=torch.int32),
+                                  kv_layout="HND" if layout == "HND" else "NHD")
+    assert not out.isnan().any()
+    close(out, want, torch.float32)
+
+
 def test_int_seqlens_default_rows_and_scale():
     gen = torch.Generator().manual_seed(2)
     k_cache, v_cache, _, _ = make_cache("NHD", torch.float32, gen)
@@ -171,6 +196,27 @@ def test_paged_matches_oracle(dtype, seqlen_new):
             blk = int(table[b, p // block_size])
             assert torch.equal(k_pool[blk, p % block_size], k_new[b, i])
             assert torch.equal(v_pool[blk, p % block_size], v_new[b, i])
+
+
+def test_paged_uses_nothing_past_the_length():
+    gen = torch.Generator().manual_seed(6)
+    k_pool = torch.full((12, 4, HKV, D), float("nan"))
+    v_pool = torch.full((12, 4, HKV, D), float("nan"))
+    table = torch.tensor([[5, 2, 9], [0, 7, 1]], dtype=torch.int32)
+    seqlens = [6, 1]                                   # + 1 new token: blocks [5, 2] and [0] are in use
+    for b, s in enumerate(seqlens):
+        for p in range(s):
+            k_pool[table[b, p // 4], p % 4] = torch.randn(HKV, D, generator=gen)
+            v_pool[table[b, p // 4], p % 4] = torch.randn(HKV, D, generator=gen)
+    q = torch.randn(2, 1, 4, D, generator=gen)
+    k_new, v_new = torch.randn(2, 1, HKV, D, generator=gen), torch.randn(2, 1, HKV, D, generator=gen)
+    dense_k = k_pool[table.long()].reshape(2, -1, HKV, D)
+    dense_v = v_pool[table.long()].reshape(2, -1, HKV, D)
+    want = expected(q, dense_k, dense_v, range(2), seqlens, k_new, v_new, True)
+    out = paged_attention_with_kvcache(q, k_pool, v_pool, table, k_new, v_new,
+                                       cache_seqlens=torch.tensor(seqlens, dtype=torch.int32))
+    assert not out.isnan().any()
+    close(out, want, torch.float32)
 
 
 def test_vmem_and_paged_agree_on_the_same_data():
