@@ -313,6 +313,56 @@ def test_prefetch_takes_pages_from_idle_slots_on_the_worker(nth):
         c.check_integrity()
 
 
+def test_shared_prefix_maps_the_same_pages():
+    spec = small_spec()                              # 16 tokens per page
+    with cache(spec, pages=64) as c:
+        src, other = c.alloc_slot(), c.alloc_slot()
+        c.step({src: 100, other: 20})
+        fill(c, src, 100, seed=4)
+        resident = c.pool.resident_bytes()
+        dst = c.alloc_slot()
+        assert c.share_prefix(src, dst, 70) == 64     # whole pages only
+        assert c.length(dst) == 64
+        assert c.pool.resident_bytes() == resident    # no new memory: the pages are mapped twice
+        for layer in range(spec.num_layers):
+            for ks, kd in zip(c.kv(layer), c.kv(layer)):
+                assert torch.equal(ks[src, :64], kd[dst, :64])
+        c.check_integrity()
+        st = c.stats()
+        assert st.mapped_pages == spec.pages_for_tokens(100) + spec.pages_for_tokens(20)
+        want = checksum(c, src, 100)
+        c.step({dst: 90})                             # dst continues in pages of its own
+        fill(c, dst, 90, seed=5)                      # rewrites [0, 64) with other values...
+        assert checksum(c, src, 100) != want          # ...which src sees: the pages are shared
+        fill(c, src, 100, seed=4)
+        fill_tail = checksum(c, dst, 90)
+        with pytest.raises(VmemInvalidArgument, match="shares"):
+            c.step({src: 10})                         # may not shrink below the shared pages
+        c.free_slot(src)
+        c.check_integrity()
+        assert checksum(c, dst, 90) == fill_tail      # dst keeps the pages after src is gone
+        c.free_slot(dst)                              # a slot with shared pages unmaps them at free
+        assert c.stats().reclaimable_pages == 0 and c.stats().mapped_pages == spec.pages_for_tokens(20)
+        assert c.pool.resident_bytes() == c.stats().mapped_bytes
+        c.check_integrity()
+
+
+def test_shared_prefix_bad_input():
+    with cache() as c:
+        a, b = c.alloc_slot(), c.alloc_slot()
+        c.step({a: 50, b: 5})
+        for args in [(a, a, 10), (a, b, 10), (b, c.alloc_slot(), 6)]:
+            with pytest.raises(VmemInvalidArgument):
+                c.share_prefix(*args)
+        with pytest.raises(VmemSlotError):
+            c.share_prefix(a, 3, 10)
+    with cache(small_spec(head_dim=24)) as c:          # 192-byte tokens straddle 4 KiB pages
+        a, b = c.alloc_slot(), c.alloc_slot()
+        c.step({a: 50})
+        with pytest.raises(VmemInvalidArgument, match="whole tokens"):
+            c.share_prefix(a, b, 40)
+
+
 def test_interleaved_growth_keeps_mappings_merged():
     spec = small_spec(max_batch=8, max_seq_len=1024, layout="HND")
     with cache(spec) as c:

@@ -1,7 +1,7 @@
 """Hypothesis state machine over VirtualKVCache on the real host backend.
 
 Rules: alloc, grow (one slot or a batch), free, reclaim, out-of-memory, async step (prefetch + step),
-and native failures injected mid-step. After every rule: check_integrity() (which also compares the
+prefix sharing, and native failures injected mid-step. After every rule: check_integrity() (which also compares the
 page table with the backend's own table, its mapping count and the memfd's allocated blocks), and the
 tokens every live request wrote still hold its values.
 """
@@ -20,7 +20,8 @@ MAX_SEQ = 128
 
 
 class CacheMachine(RuleBasedStateMachine):
-    """Model: each live slot's length and the tag its request wrote into tokens [0, length)."""
+    """Model: each live slot's length and the tags in its tokens: segments (start, end, tag); a request
+    writes its own tag, and a shared prefix carries the tags of the request it came from."""
 
     @initialize(layout=st.sampled_from([("NHD", 1), ("HND", 1), ("GROUPED", 2)]),
                 reclaim=st.sampled_from(["deferred", "eager"]), async_map=st.booleans(),
@@ -34,6 +35,7 @@ class CacheMachine(RuleBasedStateMachine):
                                     async_map=async_map)
         self.lengths = {}
         self.tags = {}
+        self.segments = {}
         self.next_tag = 1.0
 
     def teardown(self):
@@ -71,6 +73,7 @@ class CacheMachine(RuleBasedStateMachine):
             if n > old:
                 for view in self._views(slot, old, n):
                     view.fill_(self.tags[slot])
+                self.segments[slot].append((old, n, self.tags[slot]))
             self.lengths[slot] = n
         return True
 
@@ -82,6 +85,7 @@ class CacheMachine(RuleBasedStateMachine):
         assert slot not in self.lengths
         self.lengths[slot] = 0
         self.tags[slot] = self.next_tag
+        self.segments[slot] = []
         self.next_tag += 1.0
 
     @precondition(lambda self: self.lengths)
@@ -101,7 +105,25 @@ class CacheMachine(RuleBasedStateMachine):
     def free(self, data):
         slot = data.draw(st.sampled_from(sorted(self.lengths)))
         self.cache.free_slot(slot)
-        del self.lengths[slot], self.tags[slot]
+        del self.lengths[slot], self.tags[slot], self.segments[slot]
+
+    @precondition(lambda self: len(self.lengths) < MAX_BATCH and any(self.lengths.values()))
+    @rule(data=st.data())
+    def share(self, data):
+        """A new request starts from another's prefix: its pages are mapped, not copied."""
+        src = data.draw(st.sampled_from(sorted(s for s, n in self.lengths.items() if n)))
+        num_tokens = data.draw(st.integers(0, self.lengths[src]))
+        self.alloc(None)
+        dst = max(self.tags, key=self.tags.get)
+        before = self.cache.stats()
+        shared = self.cache.share_prefix(src, dst, num_tokens)
+        tpp = int(self.spec.tokens_per_page)
+        assert shared == num_tokens // tpp * tpp
+        self.lengths[dst] = shared
+        self.segments[dst] = [(a, min(b, shared), t) for a, b, t in self.segments[src] if a < shared]
+        after = self.cache.stats()
+        assert after.live_tokens == before.live_tokens + shared
+        assert after.pages_mapped - before.pages_mapped == self.spec.pages_for_tokens(shared)
 
     @rule()
     def reclaim(self):
@@ -139,16 +161,19 @@ class CacheMachine(RuleBasedStateMachine):
         self.cache.check_integrity()
         stats = self.cache.stats()
         assert stats.live_tokens == sum(self.lengths.values())
-        assert stats.used_pages >= sum(self.spec.pages_for_tokens(n) for n in self.lengths.values())
+        # shared prefixes count once physically, so each request alone is a lower bound
+        assert stats.used_pages >= max([self.spec.pages_for_tokens(n) for n in self.lengths.values()], default=0)
         assert self.cache.pool.resident_bytes() == stats.mapped_bytes
 
     @invariant()
     def data_survives(self):
         if not hasattr(self, "cache"):
             return
-        for slot, n in self.lengths.items():
-            for view in self._views(slot, 0, n):
-                assert torch.all(view == self.tags[slot]), "slot %d lost its data" % slot
+        for slot, segments in self.segments.items():
+            assert sum(b - a for a, b, _ in segments) == self.lengths[slot]
+            for a, b, tag in segments:
+                for view in self._views(slot, a, b):
+                    assert torch.all(view == tag), "slot %d lost its data in [%d, %d)" % (slot, a, b)
 
 
 CacheMachine.TestCase.settings = settings(max_examples=max(200, settings.default.max_examples),

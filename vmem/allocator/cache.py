@@ -40,7 +40,7 @@ from vmem.allocator.page_table import UNMAPPED, PageTable, place_pages
 from vmem.allocator.policy import RECLAIM_POLICIES, ReclaimPolicy, SlotPolicy
 from vmem.allocator.spec import KVCacheSpec
 from vmem.allocator.stats import CacheStats
-from vmem.errors import VmemError, VmemIntegrityError, VmemInvalidArgument, VmemOutOfMemory
+from vmem.errors import VmemError, VmemIntegrityError, VmemInvalidArgument, VmemOutOfMemory, VmemSlotError
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,9 @@ class VirtualKVCache(SlotCache):
          a free slot has length 0, and in eager mode no pages;
       4. used + reclaimable + free == pool pages (used: the columns covering live slots' lengths;
          reclaimable: idle slots' pages and live slots' columns beyond their lengths);
-      5. the backend agrees: its own table reads back as ours, it holds as many mappings as our runs
+      5. a pool page referenced more than once (a shared prefix) lies in the first shared[s] columns of
+         the slots that map it, which are protected from reclamation and from shrinking;
+      6. the backend agrees: its own table reads back as ours, it holds as many mappings as our runs
          imply, and the OS backs exactly the resident pool pages (host: memfd st_blocks).
     """
 
@@ -103,6 +105,7 @@ class VirtualKVCache(SlotCache):
         self._table = PageTable(spec.num_virtual_pages, pool_pages)
         self._columns = np.zeros(spec.max_batch, dtype=np.int64)
         self._inherited = np.zeros(spec.max_batch, dtype=np.int64)   # columns a request found in its slot
+        self._shared = np.zeros(spec.max_batch, dtype=np.int64)      # leading columns shared with another slot
         self._reclaimed = None    # (columns before, virt, phys) taken from slots during the current step
         self._freed_at = np.zeros(spec.max_batch, dtype=np.int64)
         self._clock = 0
@@ -143,12 +146,22 @@ class VirtualKVCache(SlotCache):
                                        kv_layout=self.spec.kv_layout)
 
     # ---- slots ----------------------------------------------------------------------------
+    @property
+    def num_free_slots(self) -> int:
+        """Free slots a request can get (a freed slot still holding shared pages waits for their unmap)."""
+        return int(np.count_nonzero(~self._live & (self._shared == 0)))
+
     def alloc_slot(self, num_tokens: int | None = None) -> int:
+        if self._shared.any() and not self.num_free_slots:
+            self.reclaim_idle()               # retry unmapping shared pages left in freed slots
         slot = super().alloc_slot(num_tokens)
         self._inherited[slot] = self._columns[slot]
         return slot
 
     def _choose_slot(self, free: np.ndarray, num_tokens: int | None) -> int:
+        free = free[self._shared[free] == 0]
+        if not free.size:
+            raise VmemSlotError("every free slot still holds shared pages whose unmap failed")
         needed = None if num_tokens is None else self.spec.row_pages_for_tokens(num_tokens)
         return self.slot_policy.choose(free, self._columns, needed)
 
@@ -157,6 +170,13 @@ class VirtualKVCache(SlotCache):
         self._clock += 1
         self._freed_at[slot] = self._clock
         self._eager_leftovers.discard(slot)
+        if self._shared[slot]:
+            # The next request in this slot would write over pages another request reads: unmap now.
+            try:
+                self._shrink({slot: 0}, trim=True)
+            except VmemError as exc:   # the slot waits (num_free_slots skips it) until an unmap succeeds
+                logger.warning("unmap of shared pages of slot %d failed (%s); retried later", slot, exc)
+            return
         if self.reclaim == "eager" and self._columns[slot]:
             try:
                 self._shrink({slot: 0}, trim=True)
@@ -174,8 +194,10 @@ class VirtualKVCache(SlotCache):
 
     def _protected_columns(self, slots=None, tokens=None) -> np.ndarray:
         """[max_batch] int64: columns each slot must keep: those covering a live slot's length, or the
-        tokens a pending step(needs) asks for; every other mapped column is reclaimable."""
+        tokens a pending step(needs) asks for, and shared columns; every other mapped column is reclaimable
+        (and its pages have no other reference, so reclaiming it frees exactly its pages)."""
         protected = np.where(self._live, self.spec.row_pages_for_tokens_array(self._lengths), 0)
+        protected = np.maximum(protected, self._shared)
         if slots is not None and slots.size:
             protected[slots] = np.maximum(protected[slots], self.spec.row_pages_for_tokens_array(tokens))
         return protected
@@ -274,6 +296,7 @@ class VirtualKVCache(SlotCache):
         for s, k in keep.items():
             self._columns[s] = k
             self._inherited[s] = min(int(self._inherited[s]), k)
+            self._shared[s] = min(int(self._shared[s]), k)
         if trim:
             self._trim(released)
         return virt, phys
@@ -288,6 +311,8 @@ class VirtualKVCache(SlotCache):
         """
         slots, tokens = self._parse_needs(needs)
         self._settle()
+        if self._shared[slots].any():
+            self._check_shared_lengths(slots, tokens)
         g_slots, g_from, g_to = self._growth(slots, tokens)
         rows = self.spec.rows_per_slot
         needed = int((g_to - g_from).sum()) * rows
@@ -316,7 +341,7 @@ class VirtualKVCache(SlotCache):
         self._reclaimed = None
         self._counters["reused_pages"] += reused
         self._record_lengths(slots, tokens)
-        self._note_used(int(self._columns.sum()) * rows - self._reclaimable_pages())
+        self._note_used(self._table.num_used - self._reclaimable_pages())
 
     def _reclaim_for(self, shortfall_pages: int, protected: np.ndarray) -> None:
         keep = self._plan_reclaim(shortfall_pages, protected)
@@ -347,12 +372,66 @@ class VirtualKVCache(SlotCache):
         for s, cols in before.items():
             self._columns[s] = cols
 
+    # ---- prefix sharing ---------------------------------------------------------------------
+    def share_prefix(self, src_slot: int, dst_slot: int, num_tokens: int) -> int:
+        """Map the pages holding tokens [0, num_tokens) of ``src_slot`` into a new request's ``dst_slot``.
+
+        Whole pages only: returns the tokens shared (num_tokens rounded down to a page), which become
+        dst's length; dst computes its K/V from there on. The pages are reference-counted, not copied,
+        and stay read-only in practice: neither slot may shrink below them (step() refuses), and a slot
+        holding shared pages unmaps them when freed instead of keeping them for reuse. Needs whole
+        tokens per page (page_bytes a multiple of the row's token bytes). One native map call.
+
+        ::
+
+            src rows: | p0 | p1 | p2 | p3 ...        num_tokens -> k = num_tokens // tokens_per_page pages
+            dst rows: | p0 | p1 | p2 | new pages ...  (the same pool pages, refcount 2)
+        """
+        spec = self.spec
+        src, dst = self._check_slot(src_slot), self._check_slot(dst_slot)
+        num_tokens = spec.check_num_tokens(num_tokens)
+        if src == dst:
+            raise VmemInvalidArgument("share_prefix needs two different slots")
+        if spec.page_bytes % spec.row_token_bytes:
+            raise VmemInvalidArgument("share_prefix needs whole tokens per page (page_bytes %d, token row bytes %d)"
+                                      % (spec.page_bytes, spec.row_token_bytes))
+        if self._lengths[dst]:
+            raise VmemInvalidArgument("share_prefix: slot %d already holds %d tokens" % (dst, self._lengths[dst]))
+        if num_tokens > self._lengths[src]:
+            raise VmemInvalidArgument("share_prefix: slot %d holds only %d tokens, not %d"
+                                      % (src, self._lengths[src], num_tokens))
+        self._settle()
+        k = num_tokens // int(spec.tokens_per_page)
+        if k == 0:
+            return 0
+        if self._columns[dst]:
+            self._shrink({dst: 0}, trim=True)          # pages dst inherited make way for the shared ones
+        virt = spec.slot_virtual_pages(dst, 0, k).reshape(-1)
+        phys = self._table.phys[spec.slot_virtual_pages(src, 0, k).reshape(-1)].astype(np.int64)
+        self._map(virt, phys)
+        self._table.set(virt, phys)
+        self._columns[dst] = k
+        self._inherited[dst] = 0
+        self._shared[src] = max(int(self._shared[src]), k)
+        self._shared[dst] = k
+        shared_tokens = k * int(spec.tokens_per_page)
+        self._record_lengths(np.array([dst]), np.array([shared_tokens]))
+        return shared_tokens
+
+    def _check_shared_lengths(self, slots: np.ndarray, tokens: np.ndarray) -> None:
+        floor = self._shared[slots] * int(self.spec.tokens_per_page)
+        if np.any(tokens < floor):
+            bad = int(np.flatnonzero(tokens < floor)[0])
+            raise VmemInvalidArgument("slot %d shares its first %d tokens with another request; it cannot "
+                                      "shrink to %d" % (slots[bad], floor[bad], tokens[bad]))
+
     def reclaim_idle(self) -> int:
         """Unmap every reclaimable page now (idle slots' pages, live slots' columns beyond their length)
         and return the memory to the OS. Returns the pages released."""
         self._check_open()
         self._settle()
         protected = self._protected_columns()
+        protected[~self._live] = 0             # freed slots whose shared pages could not be unmapped: retry
         keep = {int(s): int(protected[s]) for s in np.flatnonzero(self._columns > protected)}
         virt, _ = self._shrink(keep, trim=True)
         self._counters["reclaimed_pages"] += int(virt.size)
@@ -453,9 +532,8 @@ class VirtualKVCache(SlotCache):
 
     # ---- statistics and checks --------------------------------------------------------------
     def stats(self) -> CacheStats:
-        rows = self.spec.rows_per_slot
         reclaimable = self._reclaimable_pages()
-        used = int(self._columns.sum()) * rows - reclaimable
+        used = self._table.num_used - reclaimable          # physical pages: a shared page counts once
         return self._stats(page_bytes=self.spec.page_bytes, total_pages=self.num_pool_pages, used_pages=used,
                            reclaimable_pages=reclaimable, os_mappings=int(self._reservation.num_mappings))
 
@@ -487,6 +565,14 @@ class VirtualKVCache(SlotCache):
             left = set(np.flatnonzero(~self._live & (self._columns > 0)).tolist()) - self._eager_leftovers
             if left:
                 problems.append("eager reclamation left pages in free slots %s" % sorted(left))
+        shared_pages = np.flatnonzero(table.refcount > 1)
+        if shared_pages.size:
+            refs = np.isin(table.phys, shared_pages).reshape(shape)
+            outside = refs & (np.arange(spec.pages_per_row)[None, None, None, :]
+                              >= self._shared[None, :, None, None])
+            if outside.any():
+                problems.append("pages with several references outside the shared columns of slots %s"
+                                % np.flatnonzero(outside.any(axis=(0, 2, 3))).tolist())
         s = self.stats()
         if s.used_pages + s.reclaimable_pages + s.free_pages != s.total_pages or s.mapped_pages != table.num_used:
             problems.append("used %d + reclaimable %d + free %d != %d pages, or mapped %d != page table %d"
