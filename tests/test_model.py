@@ -127,11 +127,12 @@ def test_presets_and_config_validation():
     assert set(PRESETS) >= {"tiny", "small"}
     cfg = ModelConfig.preset("small", seed=1)
     assert cfg.vocab_size == ByteTokenizer.vocab_size and cfg.seed == 1
+    assert ModelConfig.preset("tiny", dtype="bfloat16").dtype == torch.bfloat16
     assert cfg.kv_bytes_per_token == 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
     assert sum(p.numel() for p in Model(ModelConfig.preset("tiny")).parameters()) == \
         ModelConfig.preset("tiny").num_params
     for bad in (dict(num_heads=3, num_kv_heads=2), dict(head_dim=7), dict(hidden_size=0),
-                dict(dtype=torch.float64), dict(num_layers=1.5)):
+                dict(dtype=torch.float64), dict(dtype="float8"), dict(num_layers=1.5)):
         with pytest.raises(VmemInvalidArgument):
             ModelConfig(**bad)
     with pytest.raises(VmemInvalidArgument, match="unknown model preset"):

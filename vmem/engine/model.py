@@ -38,6 +38,8 @@ class ModelConfig:
     init_gain: float = 1.0     # weight std = init_gain / sqrt(fan_in)
 
     def __post_init__(self):
+        if isinstance(self.dtype, str):                   # "bfloat16" from a command line
+            object.__setattr__(self, "dtype", getattr(torch, self.dtype.replace("torch.", ""), self.dtype))
         positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                     "intermediate_size", "max_position")
         for name in positive:
