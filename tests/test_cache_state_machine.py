@@ -8,7 +8,7 @@ tokens every live request wrote still hold its values.
 
 import numpy as np
 import torch
-from hypothesis import settings
+from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -119,6 +119,7 @@ class CacheMachine(RuleBasedStateMachine):
         shared = self.cache.share_prefix(src, dst, num_tokens)
         tpp = int(self.spec.tokens_per_page)
         assert shared == num_tokens // tpp * tpp
+        event("prefix shared" if shared else "prefix too short to share")
         self.lengths[dst] = shared
         self.segments[dst] = [(a, min(b, shared), t) for a, b, t in self.segments[src] if a < shared]
         after = self.cache.stats()
