@@ -10,8 +10,9 @@ repeats are reported with ratios measured in the same run. Two workloads:
 
 Optional outside peer: Hugging Face transformers' continuous batching (paged cache, CPU, fp32) on
 the decode-heavy requests with a Llama of the same shape and random weights. It runs in another
-interpreter (default .venv-hf/bin/python, `pip install torch==2.13.0 transformers==5.24.0`) and is
-skipped with the reason when that interpreter or transformers is missing.
+interpreter (default .venv-hf/bin/python, `pip install torch==2.13.0 transformers==5.24.0`), with the
+same KV budget (num_blocks of 16 tokens), max_requests_per_batch = max_batch and the same thread
+count, and is skipped with the reason when that interpreter or transformers is missing.
 
     python bench/e2e.py                 # short default (a few minutes on 2 cores)
     python bench/e2e.py --repeats 5 --scale 2
@@ -104,13 +105,14 @@ def hf_peer(cfg, reqs, args) -> dict:
         return {"status": "skipped", "reason": "no interpreter at %s (make one: python3.11 -m venv .venv-hf && "
                 ".venv-hf/bin/pip install torch==2.13.0 transformers==5.24.0)" % python}
     from vmem.engine.model import ModelConfig
-    from vmem.engine.replay import make_prompts
+    from vmem.engine.replay import make_prompts, memory_budget
     mc = ModelConfig.preset(cfg.model, seed=cfg.seed)
+    kv_tokens = memory_budget(cfg) // mc.kv_bytes_per_token
     job = {"model": {"vocab_size": mc.vocab_size, "hidden_size": mc.hidden_size, "num_layers": mc.num_layers,
                      "num_heads": mc.num_heads, "num_kv_heads": mc.num_kv_heads, "head_dim": mc.head_dim,
                      "intermediate_size": mc.intermediate_size, "rope_theta": mc.rope_theta},
            "requests": [[p, r.output_tokens] for p, r in zip(make_prompts(reqs, cfg.seed), reqs)],
-           "max_requests_per_batch": cfg.max_batch, "max_seq_len": cfg.max_seq_len,
+           "max_requests_per_batch": cfg.max_batch, "max_seq_len": cfg.max_seq_len, "kv_tokens": kv_tokens,
            "threads": _threads(), "repeats": args.repeats}
     with tempfile.TemporaryDirectory() as tmp:
         job_path = Path(tmp) / "job.json"
@@ -146,7 +148,7 @@ def hf_worker(job_path: str) -> None:
     model = LlamaForCausalLM(cfg).float().eval()
     reqs = job["requests"]
     page = 16
-    num_blocks = sum(-(-(len(p) + g) // page) for p, g in reqs) + 16
+    num_blocks = job["kv_tokens"] // page          # the same KV budget as the vmem/paged/static runs
 
     def run(batch):
         gen = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=max(g for _, g in batch))
@@ -213,7 +215,7 @@ def plot(result, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--scale", type=float, default=1.0, help="multiply the number of requests")
+    p.add_argument("--scale", type=float, default=3.0, help="requests = 48 x scale per workload")
     p.add_argument("--model", default="tiny")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-seq-len", type=int, default=512)

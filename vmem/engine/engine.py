@@ -147,11 +147,11 @@ class Engine:
             self.cache.prefetch(self._next_needs(batch))
         last_logits = self._forward(batch.seqs, batch.num_new_tokens)
         t2 = time.perf_counter()
-        for seq, n, logits in zip(batch.seqs, batch.num_new_tokens, last_logits):
+        tokens = self._sample_all(batch.seqs, last_logits)
+        for seq, n, token in zip(batch.seqs, batch.num_new_tokens, tokens):
             seq.num_cached_tokens += n
-            if logits is None:
+            if token is None:
                 continue                       # a prefill chunk that does not reach the end yet
-            token = self._sample(seq, logits)
             seq.token_ids.append(token)
             reason = self._finish_reason(seq, token)
             if reason is not None:
@@ -221,8 +221,8 @@ class Engine:
 
     @torch.inference_mode()
     def _forward(self, seqs: list[Sequence], counts: list[int]) -> list[torch.Tensor | None]:
-        """Run the model; returns, per sequence, logits [vocab] float32 of its last fed token if it
-        reached the end of its tokens (a token must be sampled), else None."""
+        """Run the model; returns, per sequence, logits [vocab] float32 (on the model's device) of its last
+        fed token if it reached the end of its tokens (a token must be sampled), else None."""
         groups: dict[int, list[int]] = defaultdict(list)
         for i, n in enumerate(counts):
             groups[n].append(i)
@@ -236,11 +236,25 @@ class Engine:
             logits = self.model.forward(ids, self.cache, slots, seqlens)     # [B, n, vocab]
             for row, i in enumerate(idx):
                 if seqs[i].num_cached_tokens + n == len(seqs[i].token_ids):
-                    result[i] = logits[row, -1].float().cpu()
+                    result[i] = logits[row, -1]
         return result
+
+    def _sample_all(self, seqs: list[Sequence], last_logits: list[torch.Tensor | None]) -> list[int | None]:
+        """One token per sequence that has logits; all greedy ones in a single argmax."""
+        tokens: list[int | None] = [None] * len(seqs)
+        greedy = [i for i, lg in enumerate(last_logits) if lg is not None and seqs[i].request.params.temperature == 0]
+        if greedy:
+            picked = torch.stack([last_logits[i] for i in greedy]).argmax(dim=-1).tolist()
+            for i, token in zip(greedy, picked):
+                tokens[i] = token
+        for i, lg in enumerate(last_logits):
+            if lg is not None and tokens[i] is None:
+                tokens[i] = self._sample(seqs[i], lg)
+        return tokens
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
         p = seq.request.params
+        logits = logits.float().cpu()
         if p.temperature == 0:
             return int(torch.argmax(logits))
         probs = torch.softmax(logits / p.temperature, dim=-1)
