@@ -69,3 +69,10 @@ def test_replay_compare_smoke(tmp_path):
     assert runs["vmem"]["map_calls"] > 0 and runs["static"]["map_calls"] == 0
     assert result["memory_bytes"] == 2 * 256 * 512          # tiny model: 512 bytes of K/V per token
     assert all(0 < r["peak_physical_kv_bytes"] <= result["memory_bytes"] for r in runs.values())
+
+
+@pytest.mark.parametrize("command", ["serve", "stress"])
+def test_serve_and_stress_are_wired(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0 and ("vmem " + command) in capsys.readouterr().out
