@@ -24,7 +24,7 @@ LOG="$OUT/gpu_check.log"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
-STEPS=(install build info pytest_gpu bench_native_map)
+STEPS=(install build info pytest_gpu bench_native_map bench_gpu_attention)
 
 step_install() {
     if compgen -G ".whl/*.whl" > /dev/null; then
@@ -58,6 +58,11 @@ step_pytest_gpu() {
 step_bench_native_map() {
     timeout 150 $PY bench/native_map.py --backend cuda --repeats 5 \
         --json "$OUT/native_map_cuda.json" --png "$OUT/native_map_cuda.png"
+}
+
+step_bench_gpu_attention() {
+    # decode + prefill with unmodified kernels on vmem's CUDA tensors vs a paged layout
+    timeout 200 $PY bench/gpu_attention.py --json "$OUT/gpu_attention.json" --png "$OUT/gpu_attention.png"
 }
 
 status=0
