@@ -33,27 +33,50 @@ ENGINE_KW = dict(model=MODEL, cache_kind="vmem", max_batch=8, max_seq_len=MAX_SE
 
 
 class StepGate:
-    """Pauses the engine thread at its next ``step()`` while closed, so tests need no timing luck."""
+    """Holds the engine thread before ``step()`` when told to, so tests need no timing luck.
+
+    Only steps with requests to run count: ``close()`` holds them, ``allow(n)`` lets n more run and
+    then holds, ``open()`` runs freely. ``fail_next`` is raised by the next such step (fault injection).
+    """
 
     def __init__(self, engine):
-        self._open = threading.Event()
-        self._open.set()
+        self._cond = threading.Condition()
+        self._budget: int | None = None   # steps still allowed; None = unlimited
+        self._num_held = 0                # engine threads waiting at the gate (0 or 1)
+        self.fail_next: BaseException | None = None
         inner = engine.step
 
         def step():
-            assert self._open.wait(30), "gate left closed"
+            if not (engine.num_running or engine.num_waiting):
+                return inner()   # only hands out finished outputs: not held, not counted
+            with self._cond:
+                self._num_held += 1
+                self._cond.notify_all()
+                assert self._cond.wait_for(lambda: self._budget != 0, 30), "gate left closed"
+                self._num_held -= 1
+                if self._budget is not None:
+                    self._budget -= 1
             if self.fail_next is not None:
                 exc, self.fail_next = self.fail_next, None
                 raise exc
             return inner()
-        self.fail_next: BaseException | None = None   # raised by the next step (fault injection)
         engine.step = step
 
+    def allow(self, num_steps: int | None) -> None:
+        with self._cond:
+            self._budget = num_steps
+            self._cond.notify_all()
+
     def close(self):
-        self._open.clear()
+        self.allow(0)
+
+    def wait_held(self, timeout_s: float = 10.0) -> None:
+        """Return once the engine thread waits at the gate."""
+        with self._cond:
+            assert self._cond.wait_for(lambda: self._num_held > 0, timeout_s), "engine never reached the gate"
 
     def open(self):
-        self._open.set()
+        self.allow(None)
 
 
 class LiveServer:
@@ -431,16 +454,12 @@ def test_streaming_client_disconnect_frees_its_slot(server):
     before = _aborts(server.wait_idle())
     body = {"model": MODEL, "prompt": "a long story", "max_tokens": MAX_SEQ_LEN - 32, "stream": True,
             "ignore_eos": True, "temperature": 0}
+    server.gate.allow(3)   # prefill + 2 decodes: 3 tokens, then the engine holds mid-generation
     try:
         with httpx.Client(timeout=30) as http:
             with http.stream("POST", server.url + "/v1/completions", json=body) as r:
                 assert r.status_code == 200
-                got = 0
-                for line in r.iter_lines():
-                    got += line.startswith("data: ")
-                    if got == 3:
-                        break
-                server.gate.close()   # hold it mid-generation
+                server.gate.wait_held()   # the three steps ran; the request sits mid-generation
                 m = server.metrics()
                 assert m[("vmem_requests_running", ())] == 1
                 assert m[("vmem_kv_pages", (("state", "used"),))] > 0

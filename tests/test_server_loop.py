@@ -132,6 +132,8 @@ def test_abort_frees_the_slot_and_stop_fails_what_is_left():
         loop.stop()
     try:
         assert isinstance(got.wait("other")[-1], ShuttingDown)
+        loop.submit(request("late", "too late", 2, tok), got.sink("late"))   # answered, not lost
+        assert isinstance(got.wait("late", timeout_s=1)[-1], ShuttingDown)
         assert engine.num_running == 0 and engine.num_waiting == 0
         assert engine.cache.stats().used_pages == 0
         assert not loop.alive

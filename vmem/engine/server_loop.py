@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
 
+
 class ShuttingDown(RuntimeError):
     """What requests still in flight receive when the engine loop stops."""
 
@@ -46,6 +47,7 @@ class EngineLoop:
         self._wakeup = threading.Event()
         self._inbox: deque = deque()          # ("add", request, sink) | ("abort", request_id)
         self._num_inbox_adds = 0
+        self._accepting = True                # False once the thread has drained its inbox for good
         self._sinks: dict[str, Sink] = {}     # engine thread only
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -55,12 +57,10 @@ class EngineLoop:
         self.num_waiting = 0
         self.num_steps = 0
         self.stats: dict = {}
-        self.idle_stats: dict = {}
 
     # -- any thread ------------------------------------------------------------------------------
     def start(self) -> None:
         self._refresh_stats()
-        self.idle_stats = self.stats
         self._thread = threading.Thread(target=self._run, name="vmem-engine", daemon=True)
         self._thread.start()
 
@@ -82,8 +82,13 @@ class EngineLoop:
 
     def submit(self, request, sink: Sink) -> None:
         with self._lock:
-            self._inbox.append(("add", request, sink))
-            self._num_inbox_adds += 1
+            accepted = self._accepting
+            if accepted:
+                self._inbox.append(("add", request, sink))
+                self._num_inbox_adds += 1
+        if not accepted:   # the thread has stopped: answer now, on the caller's thread
+            sink(ShuttingDown("the engine loop is not running"))
+            return
         self._wakeup.set()
 
     def abort(self, request_id: str) -> None:
@@ -108,7 +113,7 @@ class EngineLoop:
                     continue
                 self._flush()
                 if busy:   # just went idle: the cheap moment to check the allocator's invariants
-                    busy = False
+                    busy, last_stats = False, 0.0   # and the first busy step refreshes the stats
                     self.engine.cache.check_integrity()
                 self._refresh_stats()
                 self._wakeup.wait(self._idle_wait_s)
@@ -176,6 +181,7 @@ class EngineLoop:
 
     def _shutdown(self) -> None:
         with self._lock:
+            self._accepting = False
             ops = list(self._inbox)
             self._inbox.clear()
             self._num_inbox_adds = 0
