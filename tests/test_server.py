@@ -390,8 +390,17 @@ def test_preemption_under_memory_pressure_loses_nothing(reference):
 
     async def run_all():
         client = openai.AsyncOpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        return await asyncio.wait_for(asyncio.gather(*(one(client, p) for p in prompts)), 60)
+        everything = asyncio.ensure_future(asyncio.gather(*(one(client, p) for p in prompts)))
+        async with httpx.AsyncClient(timeout=10) as http:   # all 12 queued before any runs
+            deadline = time.monotonic() + 20
+            while parse_prometheus((await http.get(live.url + "/metrics")).text)[
+                    ("vmem_requests_waiting", ())] < len(prompts):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+        live.gate.open()
+        return await asyncio.wait_for(everything, 60)
 
+    live.gate.close()
     try:
         results = asyncio.run(run_all())
         m = live.wait_idle()
