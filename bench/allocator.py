@@ -4,8 +4,9 @@ Three parts, each measured against baselines in the same run (JSON out, PNG figu
 
   step      step latency vs batch size and page size, synchronous vs async: decode steps of a batch whose
             requests grow one token per step (staggered lengths, so some cross a page boundary each
-            step) with a fixed compute between steps; async maps step t+1 on the native worker during
-            the compute. Reported: mean / p99 step time and the share of mapping time hidden.
+            step) with a fixed forward between steps (--compute sleep: host cores free, as with a GPU
+            forward; matmul: a CPU forward); async maps step t+1 on the native worker during it.
+            Reported: mean / p99 step time and the share of mapping time hidden.
   decode    decode attention time (one new token per request, one layer) through cache.attention on
             vmem (HND and NHD), paged (vLLM block tables, block 16, shuffled pool) and static caches,
             with the memory-bandwidth floor: KV bytes read / read bandwidth (a sum over a float32 buffer)
@@ -50,8 +51,13 @@ TARGETS = {"decode_speedup_vs_paged": 1.5, "decode_vs_floor": 3.0, "capacity_vs_
 
 # ---- part 1: step latency ---------------------------------------------------------------------
 
+def sleep_compute(target_s: float):
+    """A forward that leaves the host cores free, as a GPU forward does."""
+    return lambda: time.sleep(target_s)
+
+
 def calibrated_compute(target_s: float):
-    """A matmul loop taking about target_s: the 'forward' that async mapping hides behind."""
+    """A matmul loop taking about target_s: a CPU forward, competing with the worker for cores."""
     a = torch.randn(256, 256)
     reps = 1
     while True:
@@ -104,7 +110,8 @@ def bench_step(batch: int, page_bytes: int, async_map: bool, steps: int, compute
 
 
 def part_step(args) -> list[dict]:
-    compute = calibrated_compute(args.compute_ms / 1e3)
+    make = sleep_compute if args.compute == "sleep" else calibrated_compute
+    compute = make(args.compute_ms / 1e3)
     rows = []
     for page_bytes in args.step_pages:
         for batch in args.step_batches:
@@ -353,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="timed decode steps per step-latency case")
     p.add_argument("--compute-ms", type=float, default=2.0, help="compute between steps (async hides behind it)")
+    p.add_argument("--compute", choices=["sleep", "matmul"], default="sleep",
+                   help="the forward between steps: sleep (host cores free, as with a GPU forward) or a "
+                        "CPU matmul loop (competes with the worker thread for the cores)")
     p.add_argument("--requests", type=int, default=None, help="trace requests to replay")
     p.add_argument("--budget-mb", type=int, default=256)
     p.add_argument("--trace", default=str(TRACE))
@@ -391,7 +401,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     parts = args.parts.split(",")
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                          "threads": torch.get_num_threads()},
+                          "threads": torch.get_num_threads(), "load_avg": os.getloadavg()},
+              "compute": args.compute,
               "grid": "full" if args.full else "quick", "targets": TARGETS}
     t0 = time.perf_counter()
     if "step" in parts:
