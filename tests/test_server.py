@@ -309,7 +309,8 @@ def test_models_health_metrics(server):
         assert ("vmem_kv_bytes", (("state", state),)) in m
     assert m[("vmem_kv_pages", (("state", "total"),))] > 0
     for name in ("vmem_requests_running", "vmem_requests_waiting", "vmem_preemptions_total",
-                 "vmem_time_to_first_token_seconds_count", "vmem_e2e_request_latency_seconds_count"):
+                 "vmem_time_to_first_token_seconds_count", "vmem_e2e_request_latency_seconds_count",
+                 "vmem_time_per_output_token_seconds_count"):
         assert (name, ()) in m
 
 

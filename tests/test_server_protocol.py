@@ -130,7 +130,7 @@ def test_metrics_render_engine_stats():
         num_running, num_queued, num_steps, alive = 2, 5, 7, True
 
     m = ServerMetrics()
-    m.on_finish("length", 4, 8, 0.01, 0.2)
+    m.on_finish("length", 4, 8, 0.01, 0.2)   # TPOT (0.2 - 0.01) / 7 = 27 ms
     m.on_reject(429)
     text = m.render(Loop())
     assert 'vmem_kv_pages{state="used"} 3' in text
@@ -140,3 +140,5 @@ def test_metrics_render_engine_stats():
     assert 'vmem_requests_rejected_total{status="429"} 1' in text
     assert 'vmem_requests_finished_total{reason="length"} 1' in text
     assert "kind" not in text.replace("vmem_engine_stat", "")   # strings are not samples
+    assert 'vmem_time_per_output_token_seconds_bucket{le="0.025"} 0' in text
+    assert 'vmem_time_per_output_token_seconds_bucket{le="0.05"} 1' in text

@@ -233,6 +233,7 @@ def _fan_out(batch: list[tuple[Sink, Any]]) -> None:
 # Prometheus metrics
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TPOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 class Histogram:
@@ -284,6 +285,7 @@ class ServerMetrics:
         self.num_output_tokens = 0
         self.ttft = Histogram()
         self.e2e = Histogram()
+        self.tpot = Histogram(TPOT_BUCKETS_S)
 
     def on_finish(self, reason: str, num_prompt_tokens: int, num_output_tokens: int,
                   ttft_s: float | None, e2e_s: float) -> None:
@@ -292,6 +294,8 @@ class ServerMetrics:
         self.num_output_tokens += num_output_tokens
         if ttft_s is not None:
             self.ttft.observe(ttft_s)
+            if num_output_tokens > 1:   # vllm bench's TPOT: decode time per token after the first
+                self.tpot.observe((e2e_s - ttft_s) / (num_output_tokens - 1))
         self.e2e.observe(e2e_s)
 
     def on_reject(self, status_code: int) -> None:
@@ -330,6 +334,7 @@ class ServerMetrics:
               [((), self.num_output_tokens)], "counter")
         out += self.ttft.render("vmem_time_to_first_token_seconds", "Time to first token")
         out += self.e2e.render("vmem_e2e_request_latency_seconds", "End-to-end request latency")
+        out += self.tpot.render("vmem_time_per_output_token_seconds", "Time per output token after the first")
         # Everything else the engine reports, as untyped gauges, so nothing is hidden.
         for key in sorted(stats):
             value = stats[key]
