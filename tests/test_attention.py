@@ -3,6 +3,8 @@ in-place append, GQA, bottom-right causal alignment, fp32/fp16/bf16, and typed e
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vmem.attention import flash_attn_with_kvcache, naive_attention, paged_attention_with_kvcache
 from vmem.errors import VmemInvalidArgument, VmemUnsupported
@@ -319,10 +321,6 @@ def test_naive_attention_checks_shapes():
 
 
 # ---- random shapes --------------------------------------------------------------------------------
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
 
 @settings(max_examples=40)
 @given(data=st.data(), layout=st.sampled_from(LAYOUTS), group=st.sampled_from([1, 2, 3]),
