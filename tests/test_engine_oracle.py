@@ -125,3 +125,22 @@ def test_greedy_matches_under_preemption(model, kind):
         assert set(reasons.values()) == {"length"}
     finally:
         engine.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_matches_full_recompute_on_cuda(kind):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    model = Model(ModelConfig.preset("tiny", seed=0)).to("cuda")
+    reqs = workload(8, seed=11)
+    refs = [reference(model, p, n) for p, n in reqs]
+    spec = make_spec(model, max_batch=3)
+    cache = make_cache(kind, spec, memory_bytes=3 * spec.max_seq_len * token_bytes(spec), backend="cuda",
+                       device="cuda")
+    engine = Engine(model, cache, max_num_batched_tokens=48, prefill_chunk_tokens=16, async_map=True)
+    try:
+        got, _ = run(engine, reqs, add_every=3)
+        assert [got[f"r{i}"] for i in range(len(reqs))] == refs
+    finally:
+        engine.close()
