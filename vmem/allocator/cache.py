@@ -94,6 +94,9 @@ class VirtualKVCache(SlotCache):
         if spec.page_bytes % granularity:
             raise VmemInvalidArgument("page_bytes=%d is not a multiple of the %s backend's granularity %d"
                                       % (spec.page_bytes, self._backend.name, granularity))
+        if spec.padded_max_seq_len != spec.max_seq_len:
+            logger.info("max_seq_len %d padded to %d tokens so every row starts on a page boundary",
+                        spec.max_seq_len, spec.padded_max_seq_len)
         self._reservation = self._backend.reserve(spec.reservation_bytes, spec.page_bytes)
         try:
             self._pool = self._backend.create_pool(spec.page_bytes, pool_pages, max_pages=pool_pages)
