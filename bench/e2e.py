@@ -219,7 +219,7 @@ def main(argv=None):
     p.add_argument("--model", default="tiny")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-seq-len", type=int, default=512)
-    p.add_argument("--memory-mib", type=float, default=None, help="KV budget of every cache (default: 8 full sequences)")
+    p.add_argument("--memory-mib", type=float, default=None, help="KV budget of every cache (default: max_batch // 8 full-length sequences)")
     p.add_argument("--page-bytes", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads, the same for every engine")

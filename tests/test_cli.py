@@ -45,7 +45,7 @@ def test_replay_compare_smoke(tmp_path):
     """A few seconds of the bundled trace through vmem, paged and static on the same budget."""
     out_json, out_png = tmp_path / "replay.json", tmp_path / "replay.png"
     cmd = [sys.executable, "-m", "vmem", "replay", "--compare", "--max-requests", "12", "--rate", "50",
-           "--max-batch", "8", "--max-seq-len", "256", "--max-prompt-tokens", "128", "--max-output-tokens", "24",
+           "--max-batch", "16", "--max-seq-len", "256", "--max-prompt-tokens", "128", "--max-output-tokens", "24",
            "--json", str(out_json), "--png", str(out_png), "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -61,9 +61,9 @@ def test_replay_compare_smoke(tmp_path):
         m = r["metrics"]
         assert m["completed"] == 12 and m["failed"] == 0, kind
         assert m["output_throughput"] > 0 and 0 < m["ttft_ms"]["p50"] <= m["e2el_ms"]["p99"]
-        assert 1 <= r["peak_running"] <= 8
+        assert 1 <= r["peak_running"] <= 16
         assert len(r["timeline"]["t_s"]) == len(r["timeline"]["physical_kv_bytes"]) > 0
-    # same budget: static holds max_batch // 4 = 2 full-length slots, vmem and paged pack more requests
+    # same budget: static holds max_batch // 8 = 2 full-length slots, vmem and paged pack more requests
     assert runs["static"]["peak_running"] == 2
     assert runs["vmem"]["peak_running"] > 2 and runs["paged"]["peak_running"] > 2
     assert runs["vmem"]["map_calls"] > 0 and runs["static"]["map_calls"] == 0
@@ -76,3 +76,14 @@ def test_serve_and_stress_are_wired(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
     assert e.value.code == 0 and ("vmem " + command) in capsys.readouterr().out
+
+
+def test_replay_paces_arrivals_at_a_multiple_of_measured_static_capacity():
+    from vmem.engine.replay import ReplayConfig, replay
+    cfg = ReplayConfig(max_requests=16, max_batch=8, max_seq_len=256, max_prompt_tokens=96, max_output_tokens=16,
+                       load=1.5)
+    result = replay(cfg, kinds=("vmem",), progress=False)
+    cal = result["calibration"]
+    assert cal["static_capacity_req_s"] > 0 and cal["rate"] == pytest.approx(1.5 * cal["static_capacity_req_s"])
+    assert result["workload"]["rate_per_s"] == pytest.approx(cal["rate"], rel=1e-6)
+    assert result["runs"]["vmem"]["metrics"]["completed"] == 16

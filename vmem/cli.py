@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--time-scale", type=float, default=None,
                    help="multiply arrival times (0.5 = twice the trace's rate)")
     r.add_argument("--rate", type=float, default=None, help="scale arrivals to this mean rate (req/s)")
+    r.add_argument("--load", type=float, default=None,
+                   help="without --rate: arrivals at LOAD x the static cache's capacity, measured first "
+                        "(default 1.2; 0 keeps the trace's own timing x --time-scale)")
     r.add_argument("--length-scale", type=float, default=None, help="multiply prompt lengths")
     r.add_argument("--output-scale", type=float, default=None, help="multiply output lengths")
     r.add_argument("--max-prompt-tokens", type=int, default=None)
@@ -92,7 +95,7 @@ def _replay_config(args):
     cfg = ReplayConfig()
     pairs = {"trace": args.trace, "synthetic": args.synthetic or None, "start_s": args.start,
              "duration_s": args.duration, "max_requests": args.max_requests, "time_scale": args.time_scale,
-             "rate": args.rate, "length_scale": args.length_scale, "output_scale": args.output_scale,
+             "rate": args.rate, "load": args.load, "length_scale": args.length_scale, "output_scale": args.output_scale,
              "max_prompt_tokens": args.max_prompt_tokens, "max_output_tokens": args.max_output_tokens,
              "model": args.model, "max_batch": args.max_batch, "max_seq_len": args.max_seq_len,
              "page_bytes": args.page_bytes, "backend": args.backend, "seed": args.seed,

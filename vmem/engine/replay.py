@@ -37,7 +37,8 @@ class ReplayConfig:
     duration_s: float | None = 180.0
     max_requests: int | None = None
     time_scale: float = 1.0
-    rate: float | None = 25.0              # target mean req/s (overrides time_scale; None keeps the trace's)
+    rate: float | None = None              # target mean req/s (overrides time_scale and load)
+    load: float | None = 1.2               # rate None: arrivals at load x the static cache's measured capacity
     length_scale: float = 0.125
     output_scale: float | None = 0.25
     max_prompt_tokens: int = 384
@@ -45,7 +46,7 @@ class ReplayConfig:
     model: str = "tiny"
     max_batch: int = 32
     max_seq_len: int = 512
-    memory_bytes: int | None = None        # None: room for max_batch // 4 full-length sequences
+    memory_bytes: int | None = None        # None: room for max_batch // 8 full-length sequences
     page_bytes: int | None = 4096
     max_num_batched_tokens: int = 512
     prefill_chunk_tokens: int = 256
@@ -84,8 +85,8 @@ class RunResult:
 
 
 def default_memory_bytes(cfg: ReplayConfig, engine_spec) -> int:
-    """Room for max_batch // 4 sequences of max_seq_len: static fits that many, vmem/paged pack more."""
-    return max(cfg.max_batch // 4, 1) * engine_spec.max_seq_len * _token_bytes(engine_spec)
+    """Room for max_batch // 8 sequences of max_seq_len: static fits that many, vmem/paged pack more."""
+    return max(cfg.max_batch // 8, 1) * engine_spec.max_seq_len * _token_bytes(engine_spec)
 
 
 def _token_bytes(spec) -> int:
@@ -104,7 +105,7 @@ def _map_calls(stats: dict) -> int:
 
 
 def memory_budget(cfg: ReplayConfig) -> int:
-    """The physical KV budget every cache gets: cfg.memory_bytes, or max_batch // 4 full sequences."""
+    """The physical KV budget every cache gets: cfg.memory_bytes, or max_batch // 8 full sequences."""
     if cfg.memory_bytes is not None:
         return cfg.memory_bytes
     from vmem.engine.model import ModelConfig
@@ -201,6 +202,24 @@ def run_trace(engine: Engine, reqs: list[workloads.TraceRequest], prompts: list[
                      map_calls=_map_calls(stats) - map_calls_before, num_skipped=num_skipped, timeline=timeline)
 
 
+def calibrate(cfg: ReplayConfig, reqs, prompts, *, num_requests: int = 48) -> dict:
+    """Requests/s the static cache sustains here: the first `num_requests` of the workload at once.
+
+    Machines differ by 5x or more (a quiet 2-core box vs a loaded one), so a fixed rate would either
+    idle every cache or drown them all; pacing at a multiple of this keeps the comparison meaningful.
+    """
+    probe = [r._replace(arrival_s=0.0) for r in reqs[:num_requests]]
+    engine = make_engine(cfg, "static")
+    try:
+        warm_up(engine, cfg.warmup_requests)
+        res = run_trace(engine, probe, prompts, label="calibrate", progress=False)
+    finally:
+        engine.close()
+    capacity = res.metrics["completed"] / res.metrics["duration_s"]
+    return {"static_capacity_req_s": capacity, "load": cfg.load, "rate": cfg.load * capacity,
+            "probe_requests": len(probe)}
+
+
 def replay(cfg: ReplayConfig, kinds=CACHE_KINDS, *, progress: bool = True) -> dict:
     """Run the same requests through each cache kind; returns {"config", "workload", "runs": {kind: ...}}."""
     reqs = cfg.requests()
@@ -210,6 +229,13 @@ def replay(cfg: ReplayConfig, kinds=CACHE_KINDS, *, progress: bool = True) -> di
     prompts = make_prompts(reqs, cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    calibration = None
+    if cfg.rate is None and cfg.load and cfg.synthetic <= 0 and len(reqs) > 1:
+        calibration = calibrate(cfg, reqs, prompts)
+        reqs = workloads.scale_trace(reqs, rate=calibration["rate"])
+        if progress:
+            sys.stderr.write("calibrated: static serves %.1f req/s here; replaying at %.1f req/s (load %.2f)\n"
+                             % (calibration["static_capacity_req_s"], calibration["rate"], cfg.load))
     runs = {}
     for kind in kinds:
         engine = make_engine(cfg, kind)
@@ -220,8 +246,8 @@ def replay(cfg: ReplayConfig, kinds=CACHE_KINDS, *, progress: bool = True) -> di
                                    sample_interval_s=cfg.sample_interval_s)
         finally:
             engine.close()
-    return {"config": asdict(cfg), "memory_bytes": memory_budget(cfg), "workload": workloads.summarize(reqs),
-            "runs": {k: asdict(v) for k, v in runs.items()}}
+    return {"config": asdict(cfg), "memory_bytes": memory_budget(cfg), "calibration": calibration,
+            "workload": workloads.summarize(reqs), "runs": {k: asdict(v) for k, v in runs.items()}}
 
 
 def _reset_counters(engine: Engine) -> None:
@@ -307,7 +333,7 @@ class _Progress:
         if enabled:
             try:
                 from tqdm import tqdm
-                self.bar = tqdm(total=total, desc=label, unit="req", file=sys.stderr, leave=True)
+                self.bar = tqdm(total=total, desc=label, unit="req", file=sys.stderr, leave=True, mininterval=1.0)
             except ImportError:
                 pass
 
