@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from vmem.allocator import KVCacheSpec, VirtualKVCache, make_cache
+from vmem.backends import get_backend
 from vmem.errors import (VmemClosedError, VmemDriverError, VmemError, VmemInvalidArgument, VmemMapLimitError,
                          VmemOutOfMemory, VmemSlotError)
 
@@ -234,7 +235,7 @@ def test_failed_map_leaves_no_memory_behind():
 
 
 def test_map_budget_error_is_typed_and_atomic():
-    backend = make_cache("vmem", small_spec(), backend="host").reservation.backend
+    backend = get_backend("host")
     with cache(small_spec(max_batch=4)) as c:
         slots = [c.alloc_slot() for _ in range(4)]
         c.step({slots[0]: 32})
