@@ -311,6 +311,8 @@ def build_engine(model: Any = "tiny", cache_kind: str = "vmem", *, memory_bytes:
     if cache_kind == "vmem":
         cache_kwargs.update(reclaim=reclaim, async_map=async_map)
     cache = make_cache(cache_kind, spec, **cache_kwargs)
+    if hasattr(model, "to"):
+        model = model.to(cache.device)          # "auto" puts the cache on the GPU when there is one
     return Engine(model, cache, max_num_batched_tokens=max_num_batched_tokens,
                   prefill_chunk_tokens=prefill_chunk_tokens, async_map=async_map and cache_kind == "vmem",
                   seed=seed)

@@ -84,16 +84,6 @@ class RunResult:
     timeline: dict = field(default_factory=dict)   # t_s, physical_kv_bytes, running, waiting
 
 
-def default_memory_bytes(cfg: ReplayConfig, engine_spec) -> int:
-    """Room for max_batch // 8 sequences of max_seq_len: static fits that many, vmem/paged pack more."""
-    return max(cfg.max_batch // 8, 1) * engine_spec.max_seq_len * _token_bytes(engine_spec)
-
-
-def _token_bytes(spec) -> int:
-    # K and V of every layer for one token (layout-independent)
-    return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * spec.dtype.itemsize
-
-
 def _physical_bytes(stats: dict) -> int:
     """Physical KV memory a cache holds: what vmem has mapped (free pool pages cost nothing until
     mapped); the paged pool and the static slots are allocated whole up front."""
@@ -105,12 +95,13 @@ def _map_calls(stats: dict) -> int:
 
 
 def memory_budget(cfg: ReplayConfig) -> int:
-    """The physical KV budget every cache gets: cfg.memory_bytes, or max_batch // 8 full sequences."""
+    """The physical KV budget every cache gets: cfg.memory_bytes, or room for max_batch // 8 sequences of
+    max_seq_len, so static holds that many while vmem and paged pack in more of the real, shorter ones."""
     if cfg.memory_bytes is not None:
         return cfg.memory_bytes
     from vmem.engine.model import ModelConfig
-    mc = ModelConfig.preset(cfg.model, seed=cfg.seed)
-    return default_memory_bytes(cfg, _SpecLike(mc.num_layers, mc.num_kv_heads, mc.head_dim, mc.dtype, cfg.max_seq_len))
+    token_bytes = ModelConfig.preset(cfg.model, seed=cfg.seed).kv_bytes_per_token
+    return max(cfg.max_batch // 8, 1) * cfg.max_seq_len * token_bytes
 
 
 def make_engine(cfg: ReplayConfig, kind: str) -> Engine:
@@ -119,15 +110,6 @@ def make_engine(cfg: ReplayConfig, kind: str) -> Engine:
                         page_bytes=cfg.page_bytes if kind == "vmem" else None,
                         max_num_batched_tokens=cfg.max_num_batched_tokens,
                         prefill_chunk_tokens=cfg.prefill_chunk_tokens)
-
-
-@dataclass
-class _SpecLike:
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: object
-    max_seq_len: int
 
 
 def make_prompts(reqs: list[workloads.TraceRequest], seed: int, vocab_size: int = 256) -> list[list[int]]:
