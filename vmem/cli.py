@@ -119,6 +119,13 @@ def cmd_replay(args) -> int:
     print("workload: %d requests over %.1f s (%.2f req/s), prompt mean %.0f tokens, output mean %.0f tokens"
           % (w["num_requests"], w["span_s"], w["rate_per_s"], w["prompt_tokens"]["mean"],
              w["output_tokens"]["mean"]))
+    skipped = max(r["num_skipped"] for r in result["runs"].values())
+    if skipped:
+        print("skipped %d requests that failed in the trace or exceed --max-seq-len" % skipped)
+    cal = result.get("calibration")
+    if cal:
+        print("arrivals paced at %.2f x the %.1f req/s the static cache served in a %d-request probe"
+              % (cal["load"], cal["static_capacity_req_s"], cal["probe_requests"]))
     print(replay.format_table(result))
     print("JSON: %s" % json_path)
     print("figure: %s" % png_path)

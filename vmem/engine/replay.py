@@ -63,11 +63,13 @@ class ReplayConfig:
                                       output_lengths=workloads.ZipfLengths(0.3, 16, self.max_output_tokens))
             return workloads.scale_trace(reqs, max_requests=self.max_requests, time_scale=self.time_scale)
         trace = workloads.load_trace(self.trace)
+        # clip so that every prompt + output fits max_seq_len
+        max_output = min(self.max_output_tokens, self.max_seq_len - 1)
+        max_prompt = min(self.max_prompt_tokens, self.max_seq_len - max_output)
         return workloads.scale_trace(
             trace, start_s=self.start_s, duration_s=self.duration_s, max_requests=self.max_requests,
             time_scale=self.time_scale, rate=self.rate, length_scale=self.length_scale,
-            output_scale=self.output_scale, max_prompt_tokens=self.max_prompt_tokens,
-            max_output_tokens=self.max_output_tokens)
+            output_scale=self.output_scale, max_prompt_tokens=max_prompt, max_output_tokens=max_output)
 
 
 @dataclass
