@@ -35,6 +35,12 @@ def test_bad_arguments_exit_with_usage(capsys):
     assert main([]) == 2
 
 
+@pytest.mark.parametrize("slo", ["ttft", "latency:3", "ttft:fast"])
+def test_replay_rejects_bad_goodput_slos(capsys, slo):
+    assert main(["replay", "--goodput", slo, "--no-progress"]) == 1
+    assert "--goodput" in capsys.readouterr().err
+
+
 def test_replay_rejects_an_empty_window(capsys, tmp_path):
     rc = main(["replay", "--start", "1e9", "--json", str(tmp_path / "r.json"), "--png", str(tmp_path / "r.png"),
                "--no-progress"])
@@ -46,10 +52,10 @@ def test_replay_compare_smoke(tmp_path):
     out_json, out_png = tmp_path / "replay.json", tmp_path / "replay.png"
     cmd = [sys.executable, "-m", "vmem", "replay", "--compare", "--max-requests", "12", "--rate", "50",
            "--max-batch", "16", "--max-seq-len", "256", "--max-prompt-tokens", "128", "--max-output-tokens", "24",
-           "--json", str(out_json), "--png", str(out_png), "--no-progress"]
+           "--goodput", "ttft:60000", "--json", str(out_json), "--png", str(out_png), "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "output tok/s" in proc.stdout and str(out_png) in proc.stdout
+    assert "output tok/s" in proc.stdout and "goodput" in proc.stdout and str(out_png) in proc.stdout
     assert out_png.stat().st_size > 10_000
     result = json.loads(out_json.read_text())
     assert result["workload"]["num_requests"] == 12
@@ -60,6 +66,7 @@ def test_replay_compare_smoke(tmp_path):
     for kind, r in runs.items():
         m = r["metrics"]
         assert m["completed"] == 12 and m["failed"] == 0, kind
+        assert m["goodput"] == pytest.approx(m["request_throughput"])     # a 60 s TTFT SLO: all good
         assert m["output_throughput"] > 0 and 0 < m["ttft_ms"]["p50"] <= m["e2el_ms"]["p99"]
         assert 1 <= r["peak_running"] <= 16
         assert len(r["timeline"]["t_s"]) == len(r["timeline"]["physical_kv_bytes"]) > 0

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from vmem.errors import VmemError
+from vmem.errors import VmemError, VmemInvalidArgument
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", default=None, choices=("auto", "host", "cuda"))
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default 1)")
+    r.add_argument("--goodput", nargs="+", metavar="METRIC:MS", default=None,
+                   help="SLOs for goodput as in vllm bench serve, e.g. ttft:1000 tpot:50 (metrics: ttft, tpot, e2el)")
     r.add_argument("--json", default="out/replay.json", help="JSON output path")
     r.add_argument("--png", default="out/replay.png", help="figure path")
     r.add_argument("--no-progress", action="store_true")
@@ -105,7 +107,22 @@ def _replay_config(args):
             setattr(cfg, name, value)
     if args.memory_mib is not None:
         cfg.memory_bytes = int(args.memory_mib * 2**20)
+    if args.goodput:
+        cfg.slos_ms = _parse_slos(args.goodput)
     return cfg
+
+
+def _parse_slos(items: list[str]) -> dict:
+    slos = {}
+    for item in items:
+        name, _, value = item.partition(":")
+        if name not in ("ttft", "tpot", "e2el"):
+            raise VmemInvalidArgument("--goodput metric must be ttft, tpot or e2el, got %r" % name)
+        try:
+            slos[name] = float(value)
+        except ValueError:
+            raise VmemInvalidArgument("--goodput takes METRIC:MS pairs such as ttft:1000, got %r" % item) from None
+    return slos
 
 
 def cmd_replay(args) -> int:

@@ -55,6 +55,7 @@ class ReplayConfig:
     threads: int = 1                       # torch intra-op threads (1 is fastest and steadiest for small models)
     warmup_requests: int = 4
     sample_interval_s: float = 0.05        # timeline resolution
+    slos_ms: dict | None = None            # e.g. {"ttft": 1000, "tpot": 50}: goodput counts requests meeting all
 
     def requests(self) -> list[workloads.TraceRequest]:
         if self.synthetic > 0:
@@ -130,7 +131,8 @@ def warm_up(engine: Engine, num_requests: int) -> None:
 
 
 def run_trace(engine: Engine, reqs: list[workloads.TraceRequest], prompts: list[list[int]], *,
-              label: str = "", progress: bool = True, sample_interval_s: float = 0.05) -> RunResult:
+              label: str = "", progress: bool = True, sample_interval_s: float = 0.05,
+              slos_ms: dict | None = None) -> RunResult:
     """Replay `reqs` on the wall clock through `engine`; returns metrics and a memory timeline."""
     todo = [(i, r) for i, r in enumerate(reqs) if r.output_tokens > 0 and
             r.prompt_tokens + r.output_tokens <= engine.max_seq_len]
@@ -177,7 +179,7 @@ def run_trace(engine: Engine, reqs: list[workloads.TraceRequest], prompts: list[
     end = max((r.token_times[-1] for r in records.values() if r.token_times), default=t_start)
     first = t_start + todo[0][1].arrival_s if todo else t_start
     stats = engine.stats()
-    metrics = compute_metrics(list(records.values()), end - first)
+    metrics = compute_metrics(list(records.values()), end - first, slos_ms=slos_ms)
     return RunResult(engine.cache.kind, metrics, stats,
                      peak_physical_kv_bytes=max([_physical_bytes(stats)] + timeline["physical_kv_bytes"]),
                      peak_used_kv_bytes=max([int(stats["peak_used_pages"]) * int(stats["page_bytes"])]
@@ -227,7 +229,7 @@ def replay(cfg: ReplayConfig, kinds=CACHE_KINDS, *, progress: bool = True) -> di
             warm_up(engine, cfg.warmup_requests)
             _reset_counters(engine)
             runs[kind] = run_trace(engine, reqs, prompts, label=kind, progress=progress,
-                                   sample_interval_s=cfg.sample_interval_s)
+                                   sample_interval_s=cfg.sample_interval_s, slos_ms=cfg.slos_ms)
         finally:
             engine.close()
     return {"config": asdict(cfg), "memory_bytes": memory_budget(cfg), "calibration": calibration,
@@ -263,9 +265,12 @@ ROWS = [
 def format_table(result: dict) -> str:
     runs = result["runs"]
     kinds = list(runs)
-    width = max(len(name) for name, _, _ in ROWS)
+    rows = list(ROWS)
+    if all("goodput" in r["metrics"] for r in runs.values()):
+        rows.insert(2, ("goodput req/s", lambda r: r["metrics"]["goodput"], "{:.2f}"))
+    width = max(len(name) for name, _, _ in rows)
     lines = ["%-*s  %s" % (width, "", "  ".join("%10s" % k for k in kinds))]
-    for name, get, fmt in ROWS:
+    for name, get, fmt in rows:
         lines.append("%-*s  %s" % (width, name, "  ".join("%10s" % fmt.format(get(runs[k])) for k in kinds)))
     return "\n".join(lines)
 
