@@ -10,9 +10,10 @@ zero-copy views of the cache:
                  [------------- read: [0, L_b) ---------)[ never touched      )
 
 Rows are sorted; each run of consecutive rows with the same L_b becomes one batched SDPA call over
-the slice ``k_cache[r0:r1, :L]`` (a view, no copy). Nothing at or past L_b is read, so on CUDA those
-pages may stay unmapped. Plan vs run: everything here is "run" (no driver calls); the reference
-reads ``cache_seqlens`` on the host, which synchronises a CUDA stream.
+the slice ``k_cache[r0:r1, :L]`` (a view, no copy); decode on the CPU (seqlen_q == 1) runs the fused
+kernel of cpu_decode.py instead (Note [CPU decode attention]), with SDPA as its fallback. Nothing at or
+past L_b is read, so on CUDA those pages may stay unmapped. Plan vs run: everything here is "run" (no
+driver calls); the reference reads ``cache_seqlens`` on the host, which synchronises a CUDA stream.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from vmem.attention import cpu_decode
 from vmem.attention._common import (
     attend, check_cache_pair, check_heads, check_new_kv, check_q, default_scale, fail, seqlens_list,
 )
@@ -119,6 +121,8 @@ def reference_flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache
             fail("cache_batch_idx has duplicate rows; appending k/v needs one row per batch entry")
         _append(k_nhd, v_nhd, k, v, rows, seqlens, q.device)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if cpu_decode.usable(q, k_nhd) and cpu_decode.decode_attention(q, k_nhd, v_nhd, ends, rows, scale, out):
+        return out                           # fused CPU decode kernel (Note [CPU decode attention])
     k_hnd, v_hnd = k_nhd.transpose(1, 2), v_nhd.transpose(1, 2)        # [batch_cache, Hkv, seqlen, D] views
     if seqlen_q == 1:
         # decode: the group's query heads become the query rows of one KV head, no mask needed

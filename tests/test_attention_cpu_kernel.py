@@ -1,0 +1,173 @@
+"""The fused CPU decode kernel (Note [CPU decode attention]) against naive float32 attention.
+
+Every cache is filled with NaN past each request's length: a kernel that read one element there would
+return NaN. Both the AVX-512 path (where the CPU has it) and the forced portable path run every case.
+"""
+import pathlib
+import re
+
+import pytest
+import torch
+
+from vmem.attention import cpu_decode, flash_attn_with_kvcache, naive_attention
+from vmem.backends._ffi import ffi, lib
+
+D = 64
+HKV = 2
+LENGTHS = [1, 63, 64, 65, 130, 0, 7]          # 64 = the kernel's key block; 0 gives zeros
+ROWS = [3, 0, 6, 1, 5, 2, 4]                  # cache rows, not in order
+PATHS = [False, True]                         # portable forced?
+
+
+def tol(dtype):
+    if dtype == torch.float32:
+        return dict(atol=1e-5, rtol=1e-5)
+    return dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=2e-3, rtol=2e-3)
+
+
+def poisoned_cache(layout: str, dtype, max_seq: int, head_dim: int = D, num_kv_heads: int = HKV, seed=0):
+    """(k_nhd, v_nhd, keys, values): NHD views of caches holding random rows [0, L) and NaN past them.
+
+    layout NHD [B, S, Hkv, D]; HND [B, Hkv, S, D]; GROUP: layer 1 of a layer-group tensor
+    [B, S, 3, Hkv, D]; GROUP_HND: head-major rows with 3 layers interleaved per token [B, Hkv, S, 3, D].
+    keys/values[b] are [1, L, Hkv, D] copies of what request b holds (for the oracle).
+    """
+    g = torch.Generator().manual_seed(seed)
+    nb = len(ROWS)
+    if layout == "NHD":
+        k, v = (torch.full((nb, max_seq, num_kv_heads, head_dim), float("nan")).to(dtype) for _ in range(2))
+        k_nhd, v_nhd = k, v
+    elif layout == "HND":
+        k, v = (torch.full((nb, num_kv_heads, max_seq, head_dim), float("nan")).to(dtype) for _ in range(2))
+        k_nhd, v_nhd = k.transpose(1, 2), v.transpose(1, 2)
+    elif layout == "GROUP":
+        k, v = (torch.full((nb, max_seq, 3, num_kv_heads, head_dim), float("nan")).to(dtype) for _ in range(2))
+        k_nhd, v_nhd = k[:, :, 1], v[:, :, 1]
+    else:
+        k, v = (torch.full((nb, num_kv_heads, max_seq, 3, head_dim), float("nan")).to(dtype) for _ in range(2))
+        k_nhd, v_nhd = k[:, :, :, 1].transpose(1, 2), v[:, :, :, 1].transpose(1, 2)
+    keys, values = [], []
+    for row, n in zip(ROWS, LENGTHS):
+        kb, vb = (torch.randn(1, n, num_kv_heads, head_dim, generator=g).to(dtype) for _ in range(2))
+        k_nhd[row, :n], v_nhd[row, :n] = kb[0], vb[0]
+        keys.append(kb), values.append(vb)
+    return k_nhd, v_nhd, keys, values
+
+
+def expected(q, keys, values, scale):
+    outs = []
+    for b in range(q.shape[0]):
+        if keys[b].shape[1] == 0:
+            outs.append(torch.zeros_like(q[b:b + 1]))
+        else:
+            outs.append(naive_attention(q[b:b + 1], keys[b], values[b], causal=False, softmax_scale=scale))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("portable", PATHS)
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("layout", ["NHD", "HND", "GROUP", "GROUP_HND"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kernel_matches_naive(dtype, layout, group, portable):
+    k_nhd, v_nhd, keys, values = poisoned_cache(layout, dtype, max_seq=160)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(len(ROWS), 1, HKV * group, D, generator=g).to(dtype)
+    out = torch.empty_like(q)
+    scale = 0.3
+    assert cpu_decode.decode_attention(q, k_nhd, v_nhd, LENGTHS, ROWS, scale, out, portable=portable)
+    torch.testing.assert_close(out.float(), expected(q, keys, values, scale).float(), **tol(dtype))
+
+
+@pytest.mark.parametrize("portable", PATHS)
+@pytest.mark.parametrize("head_dim", [40, 48, 256])           # 40: no 16-wide vectors (portable anyway)
+def test_head_dims(head_dim, portable):
+    k_nhd, v_nhd, keys, values = poisoned_cache("HND", torch.bfloat16, max_seq=140, head_dim=head_dim)
+    q = torch.randn(len(ROWS), 1, HKV * 4, head_dim).to(torch.bfloat16)
+    out = torch.empty_like(q)
+    assert cpu_decode.decode_attention(q, k_nhd, v_nhd, LENGTHS, ROWS, head_dim ** -0.5, out, portable=portable)
+    torch.testing.assert_close(out.float(), expected(q, keys, values, head_dim ** -0.5).float(),
+                               **tol(torch.bfloat16))
+
+
+@pytest.mark.parametrize("portable", PATHS)
+def test_large_gqa_group_and_threads(portable):
+    """Group 20 (> the 16 query rows of one work item) and 2 worker threads (enough keys to start them)."""
+    g = torch.Generator().manual_seed(2)
+    lengths, rows = [9000, 8191, 1], [0, 1, 2]
+    k, v = (torch.randn(3, 9000, 2, 32, generator=g) for _ in range(2))
+    q = torch.randn(3, 1, 40, 32, generator=g)
+    out = torch.empty_like(q)
+    assert cpu_decode.decode_attention(q, k, v, lengths, rows, 0.2, out, num_threads=2, portable=portable)
+    want = torch.cat([naive_attention(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], causal=False, softmax_scale=0.2)
+                      for b, n in enumerate(lengths)])
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_large_scores_stay_finite():
+    """Scores of several hundred: the online softmax rescales instead of overflowing."""
+    k = torch.randn(1, 300, 1, 32) * 30
+    v = torch.randn(1, 300, 1, 32)
+    q = torch.randn(1, 1, 4, 32) * 30
+    out = torch.empty_like(q)
+    for portable in PATHS:
+        assert cpu_decode.decode_attention(q, k, v, [300], [0], 1.0, out, portable=portable)
+        torch.testing.assert_close(out, naive_attention(q, k, v, causal=False, softmax_scale=1.0),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_avx512_path_is_selected_when_the_cpu_has_it():
+    with open("/proc/cpuinfo") as f:
+        has = " avx512f" in f.read()
+    assert cpu_decode.kernel_path(128) == ("avx512" if has else "portable")
+    assert cpu_decode.kernel_path(128, portable=True) == "portable"
+    assert cpu_decode.kernel_path(40) == "portable"
+
+
+def test_invalid_arguments_are_refused_before_writing():
+    q = torch.randn(2, 1, 6, 16)
+    k = torch.randn(2, 8, 4, 16)
+    out = torch.full_like(q, 7.0)
+    assert not cpu_decode.decode_attention(q, k, k, [8, 8], [0, 1], 1.0, out)     # 6 heads over 4 KV heads
+    assert not cpu_decode.decode_attention(q[:, :, :4], k, k, [8, -1], [0, 1], 1.0, out[:, :, :4].contiguous())
+    assert torch.all(out == 7.0)
+    assert lib.vmem_attn_decode(ffi.NULL) == lib.VMEM_ERR_INVALID
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flash_attn_with_kvcache_decode_uses_the_kernel(layout, dtype, monkeypatch):
+    """The reference appends k/v, then the kernel attends over [0, seqlen + 1); SDPA gives the same."""
+    batch, hq, seqlen_cache = 3, 8, 96
+    g = torch.Generator().manual_seed(3)
+    shape = (4, seqlen_cache, HKV, D) if layout == "NHD" else (4, HKV, seqlen_cache, D)
+    k_cache, v_cache = (torch.randn(*shape, generator=g).to(dtype) for _ in range(2))
+    q = torch.randn(batch, 1, hq, D, generator=g).to(dtype)
+    k, v = (torch.randn(batch, 1, HKV, D, generator=g).to(dtype) for _ in range(2))
+    seqlens = torch.tensor([5, 0, 90], dtype=torch.int32)
+    idx = torch.tensor([2, 0, 3], dtype=torch.int32)
+    calls = []
+    real = cpu_decode.decode_attention
+    monkeypatch.setattr(cpu_decode, "decode_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out = flash_attn_with_kvcache(q, kc, vc, k=k, v=v, cache_seqlens=seqlens, cache_batch_idx=idx,
+                                  kv_layout=layout)
+    assert calls == [1]
+    monkeypatch.setattr(cpu_decode, "ENABLED", False)
+    kc2, vc2 = k_cache.clone(), v_cache.clone()
+    sdpa = flash_attn_with_kvcache(q, kc2, vc2, k=k, v=v, cache_seqlens=seqlens, cache_batch_idx=idx,
+                                   kv_layout=layout)
+    assert calls == [1]
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    torch.testing.assert_close(out.float(), sdpa.float(), **tol(dtype))
+
+
+def test_declarations_in_build_py_match_the_c_file():
+    native = pathlib.Path(__file__).resolve().parent.parent / "vmem" / "_native"
+    c_text = (native / "attn_cpu.c").read_text()
+    c_block = c_text.split("/* ---- declarations")[1].split("/* ---- end of declarations")[0]
+    c_block = c_block.split("\n", 1)[1]
+    py_block = re.search(r'ATTN_DECLS = """(.*?)"""', (native / "build.py").read_text(), re.S).group(1)
+
+    def tokens(text):
+        return re.sub(r"/\*.*?\*/", " ", text, flags=re.S).split()
+    assert tokens(c_block) == tokens(py_block)

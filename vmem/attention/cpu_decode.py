@@ -1,0 +1,79 @@
+"""The fused CPU decode kernel behind the reference (Note [CPU decode attention], vmem/_native/attn_cpu.c).
+
+One query token per request; each KV head's GQA group of query heads reads each K/V row once, with an
+online softmax in float32. K/V are read in place through data pointers and element strides (no copy):
+
+    row r = rows[b], L = ends[b]:   k_nhd[r, 0:L, h, :]  read;   k_nhd[r, L:, h, :]  never touched
+
+Used by ``reference_flash_attn_with_kvcache`` when q and the caches are CPU float32 / float16 / bfloat16
+tensors and head_dim <= 256; anything else (and a native layer that is not built) keeps the SDPA path.
+``VMEM_CPU_DECODE=0`` in the environment turns the kernel off (read at import).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+MAX_HEAD_DIM = 256
+ENABLED = os.environ.get("VMEM_CPU_DECODE", "1") != "0"
+
+_lib = _ffi = None
+_DTYPES = {}
+
+
+def _native():
+    global _lib, _ffi
+    if _lib is None:
+        from vmem.backends._ffi import ffi, lib
+        _ffi, _lib = ffi, lib
+        _DTYPES.update({torch.float32: lib.VMEM_ATTN_F32, torch.float16: lib.VMEM_ATTN_F16,
+                        torch.bfloat16: lib.VMEM_ATTN_BF16})
+    return _ffi, _lib
+
+
+def kernel_path(head_dim: int, portable: bool = False) -> str:
+    """"avx512" or "portable": the path the kernel takes on this machine for head_dim."""
+    ffi, lib = _native()
+    path = lib.vmem_attn_decode_path(head_dim, lib.VMEM_ATTN_PORTABLE if portable else 0)
+    return "avx512" if path == lib.VMEM_ATTN_PATH_AVX512 else "portable"
+
+
+def usable(q: torch.Tensor, k_nhd: torch.Tensor) -> bool:
+    """Whether decode_attention can take this call (q [batch, 1, Hq, D]; caches checked by the caller)."""
+    return (ENABLED and q.device.type == "cpu" and k_nhd.device.type == "cpu" and q.shape[1] == 1
+            and q.dtype in (torch.float32, torch.float16, torch.bfloat16) and q.shape[3] <= MAX_HEAD_DIM)
+
+
+def decode_attention(q: torch.Tensor, k_nhd: torch.Tensor, v_nhd: torch.Tensor, ends, rows, scale: float,
+                     out: torch.Tensor, num_threads: int | None = None, portable: bool = False) -> bool:
+    """out[b, 0] = attention of q[b, 0] over k_nhd / v_nhd[rows[b], :ends[b]]; False if the kernel declined.
+
+    q, out:       [batch, 1, num_heads, head_dim], CPU, float32 / float16 / bfloat16; out contiguous
+    k_nhd, v_nhd: [batch_cache, seqlen_cache, num_kv_heads, head_dim] views (any strides, last dim
+                  contiguous), q's dtype
+    ends, rows:   [batch] ints: keys to read, cache row, per request (validated by the caller)
+    num_threads:  default torch.get_num_threads();  portable: force the scalar path (tests)
+    """
+    try:
+        ffi, lib = _native()
+    except ImportError:                      # the native layer is not built: SDPA does the work
+        return False
+    batch, _, num_heads, head_dim = q.shape
+    q3 = q.reshape(batch, num_heads, head_dim).contiguous()
+    ends_t = torch.as_tensor(ends, dtype=torch.int64).contiguous()
+    rows_t = torch.as_tensor(rows, dtype=torch.int64).contiguous()
+    a = ffi.new("vmem_attn_decode_t *")
+    a.q, a.k_cache, a.v_cache, a.out = (ffi.cast("void *", t.data_ptr()) for t in (q3, k_nhd, v_nhd, out))
+    a.seqlens = ffi.cast("int64_t *", ends_t.data_ptr())
+    a.rows = ffi.cast("int64_t *", rows_t.data_ptr())
+    a.q_stride_b, a.q_stride_h = q3.stride(0), q3.stride(1)
+    a.k_stride_b, a.k_stride_s, a.k_stride_h = k_nhd.stride()[:3]
+    a.v_stride_b, a.v_stride_s, a.v_stride_h = v_nhd.stride()[:3]
+    a.out_stride_b, a.out_stride_h = out.stride(0), out.stride(2)
+    a.dtype = _DTYPES[q.dtype]
+    a.batch, a.num_heads, a.num_kv_heads, a.head_dim = batch, num_heads, k_nhd.shape[2], head_dim
+    a.num_threads = max(1, torch.get_num_threads() if num_threads is None else num_threads)
+    a.flags = lib.VMEM_ATTN_PORTABLE if portable else 0
+    a.scale = scale
+    return lib.vmem_attn_decode(a) == lib.VMEM_OK
