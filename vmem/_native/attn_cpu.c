@@ -38,6 +38,7 @@
 #include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include "vmem.h"
 
@@ -76,7 +77,7 @@ int vmem_attn_decode_path(int32_t head_dim, int32_t flags);
 /* ---- end of declarations ---------------------------------------------------------------------- */
 
 #define ATTN_BLOCK_KEYS 64      /* keys per softmax block */
-#define ATTN_MAX_ROWS 16        /* query rows per work item */
+#define ATTN_MAX_ROWS 64        /* query rows per work item (several KV heads when the group is small) */
 #define ATTN_MAX_DIM 256
 #define ATTN_KEYS_PER_THREAD 16384  /* (key, KV head) pairs of work that justify one more thread */
 #define ATTN_MAX_THREADS 64
@@ -87,7 +88,7 @@ typedef struct {
     float acc[ATTN_MAX_ROWS * ATTN_MAX_DIM];    /* unnormalised output rows */
     float s[ATTN_MAX_ROWS * ATTN_BLOCK_KEYS];   /* scores, then probabilities, of one block */
     float m[ATTN_MAX_ROWS], l[ATTN_MAX_ROWS];   /* running max (log2 units) and sum */
-} attn_scratch_t __attribute__((aligned(64)));
+} attn_scratch_t;                               /* one per thread, 64-byte aligned, on the heap */
 
 /* ---- scalar conversions (exact widening; rounding narrowing, nearest-even) ------------------- */
 
@@ -170,52 +171,58 @@ static void store_row(void *dst, const float *src, float mul, int32_t dtype, int
     }
 }
 
-/* ---- one work item: request b, KV head h, query rows [row0, row0 + num_rows) of its group ---- */
+/* ---- one work item: request b, KV heads [h0, h0 + num_heads), query rows [row0, row0 + head_rows) of each
+ * head's group. Scratch row i belongs to KV head h0 + i / head_rows. Taking all KV heads of a request in
+ * one item makes NHD reads sequential (a block of keys covers whole [Hkv, D] token rows). ---- */
 
 typedef struct {
-    const char *k, *v;              /* token 0 of this (row, KV head) */
+    const char *k, *v;              /* token 0 of KV head h0 of this cache row */
     int64_t k_step, v_step;         /* bytes between tokens */
+    int64_t k_head, v_head;         /* bytes between KV heads */
     int64_t num_keys;
-    int num_rows, d;
+    int num_heads, head_rows, d;    /* KV heads, query rows per KV head, head_dim */
 } attn_item_t;
 
 static size_t dtype_bytes(int32_t dtype) { return dtype == VMEM_ATTN_F32 ? 4 : 2; }
 
+static const char *q_row(const vmem_attn_decode_t *a, const void *base, int64_t b, int64_t qh, int out) {
+    const int64_t off = out ? b * a->out_stride_b + qh * a->out_stride_h : b * a->q_stride_b + qh * a->q_stride_h;
+    return (const char *)base + off * (int64_t)dtype_bytes(a->dtype);
+}
+
 /* Fills s->q, s->m, s->l, zeroes s->acc; returns the item's geometry. */
-static attn_item_t item_begin(const vmem_attn_decode_t *a, int64_t b, int h, int row0, int num_rows,
-                              attn_scratch_t *s) {
-    const size_t eb = dtype_bytes(a->dtype);
-    const int d = a->head_dim, group = a->num_heads / a->num_kv_heads;
+static attn_item_t item_begin(const vmem_attn_decode_t *a, int64_t b, int h0, int num_heads, int row0,
+                              int head_rows, attn_scratch_t *s) {
+    const int64_t eb = (int64_t)dtype_bytes(a->dtype);
+    const int d = a->head_dim, group = a->num_heads / a->num_kv_heads, nr = num_heads * head_rows;
     const int64_t r = a->rows[b];
     attn_item_t it = {
-        .k = (const char *)a->k_cache + (r * a->k_stride_b + h * a->k_stride_h) * (int64_t)eb,
-        .v = (const char *)a->v_cache + (r * a->v_stride_b + h * a->v_stride_h) * (int64_t)eb,
-        .k_step = a->k_stride_s * (int64_t)eb, .v_step = a->v_stride_s * (int64_t)eb,
-        .num_keys = a->seqlens[b], .num_rows = num_rows, .d = d,
+        .k = (const char *)a->k_cache + (r * a->k_stride_b + h0 * a->k_stride_h) * eb,
+        .v = (const char *)a->v_cache + (r * a->v_stride_b + h0 * a->v_stride_h) * eb,
+        .k_step = a->k_stride_s * eb, .v_step = a->v_stride_s * eb,
+        .k_head = a->k_stride_h * eb, .v_head = a->v_stride_h * eb,
+        .num_keys = a->seqlens[b], .num_heads = num_heads, .head_rows = head_rows, .d = d,
     };
     const float qmul = a->scale * LOG2E;
-    for (int i = 0; i < num_rows; i++) {
-        const int64_t qh = (int64_t)h * group + row0 + i;
-        load_row(s->q + i * d, (const char *)a->q + (b * a->q_stride_b + qh * a->q_stride_h) * (int64_t)eb,
-                 a->dtype, d);
+    for (int i = 0; i < nr; i++) {
+        const int64_t qh = (int64_t)(h0 + i / head_rows) * group + row0 + i % head_rows;
+        load_row(s->q + i * d, q_row(a, a->q, b, qh, 0), a->dtype, d);
         for (int j = 0; j < d; j++)
             s->q[i * d + j] *= qmul;
         s->m[i] = -__builtin_inff();
         s->l[i] = 0.0f;
     }
-    memset(s->acc, 0, sizeof(float) * (size_t)num_rows * d);
+    memset(s->acc, 0, sizeof(float) * (size_t)nr * d);
     return it;
 }
 
-static void item_end(const vmem_attn_decode_t *a, int64_t b, int h, int row0, int num_rows,
+static void item_end(const vmem_attn_decode_t *a, int64_t b, int h0, int num_heads, int row0, int head_rows,
                      const attn_scratch_t *s) {
-    const size_t eb = dtype_bytes(a->dtype);
     const int d = a->head_dim, group = a->num_heads / a->num_kv_heads;
-    for (int i = 0; i < num_rows; i++) {
-        const int64_t qh = (int64_t)h * group + row0 + i;
+    for (int i = 0; i < num_heads * head_rows; i++) {
+        const int64_t qh = (int64_t)(h0 + i / head_rows) * group + row0 + i % head_rows;
         const float mul = s->l[i] > 0.0f ? 1.0f / s->l[i] : 0.0f;   /* no keys: zeros */
-        store_row((char *)a->out + (b * a->out_stride_b + qh * a->out_stride_h) * (int64_t)eb,
-                  s->acc + i * d, mul, a->dtype, d);
+        store_row((char *)q_row(a, a->out, b, qh, 1), s->acc + i * d, mul, a->dtype, d);
     }
 }
 
@@ -242,29 +249,31 @@ static void softmax_block(attn_scratch_t *s, int num_rows, int n, int d) {
 
 static void item_portable(const attn_item_t *it, attn_scratch_t *s, int32_t dtype) {
     float row[ATTN_MAX_DIM];
-    const int d = it->d, nr = it->num_rows;
+    const int d = it->d, hr = it->head_rows, nr = it->num_heads * hr;
     for (int64_t t0 = 0; t0 < it->num_keys; t0 += ATTN_BLOCK_KEYS) {
         const int n = (int)(it->num_keys - t0 < ATTN_BLOCK_KEYS ? it->num_keys - t0 : ATTN_BLOCK_KEYS);
-        for (int j = 0; j < n; j++) {
-            load_row(row, it->k + (t0 + j) * it->k_step, dtype, d);
-            for (int i = 0; i < nr; i++) {
-                const float *qi = s->q + i * d;
-                float dot = 0.0f;
-                for (int c = 0; c < d; c++)
-                    dot += qi[c] * row[c];
-                s->s[i * ATTN_BLOCK_KEYS + j] = dot;
+        for (int j = 0; j < n; j++)
+            for (int h = 0; h < it->num_heads; h++) {
+                load_row(row, it->k + h * it->k_head + (t0 + j) * it->k_step, dtype, d);
+                for (int i = h * hr; i < (h + 1) * hr; i++) {
+                    const float *qi = s->q + i * d;
+                    float dot = 0.0f;
+                    for (int c = 0; c < d; c++)
+                        dot += qi[c] * row[c];
+                    s->s[i * ATTN_BLOCK_KEYS + j] = dot;
+                }
             }
-        }
         softmax_block(s, nr, n, d);
-        for (int j = 0; j < n; j++) {
-            load_row(row, it->v + (t0 + j) * it->v_step, dtype, d);
-            for (int i = 0; i < nr; i++) {
-                const float p = s->s[i * ATTN_BLOCK_KEYS + j];
-                float *acc = s->acc + i * d;
-                for (int c = 0; c < d; c++)
-                    acc[c] += p * row[c];
+        for (int j = 0; j < n; j++)
+            for (int h = 0; h < it->num_heads; h++) {
+                load_row(row, it->v + h * it->v_head + (t0 + j) * it->v_step, dtype, d);
+                for (int i = h * hr; i < (h + 1) * hr; i++) {
+                    const float p = s->s[i * ATTN_BLOCK_KEYS + j];
+                    float *acc = s->acc + i * d;
+                    for (int c = 0; c < d; c++)
+                        acc[c] += p * row[c];
+                }
             }
-        }
     }
 }
 
@@ -298,6 +307,19 @@ AVX512_INLINE __m512 x_exp2(__m512 x) {
     return _mm512_scalef_ps(p, xi);
 }
 
+/* Asks for the cache lines of the first n_pf token rows of the next block (bytes row_bytes, steps k_step /
+ * v_step): the hardware prefetcher stops at 4 KiB pages and cannot follow NHD's head-strided rows. */
+AVX512_INLINE void x_prefetch(const char *k, int64_t k_step, const char *v, int64_t v_step, int j, int n_pf,
+                              int row_bytes) {
+    if (j >= n_pf)
+        return;
+    const char *kj = k + j * k_step, *vj = v + j * v_step;
+    for (int o = 0; o < row_bytes; o += 64) {
+        _mm_prefetch(kj + o, _MM_HINT_T1);
+        _mm_prefetch(vj + o, _MM_HINT_T1);
+    }
+}
+
 /* Horizontal sums of 4 vectors -> [sum a0, sum a1, sum a2, sum a3]. */
 AVX512_INLINE __m128 x_sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
     const __m512 t01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
@@ -311,11 +333,15 @@ AVX512_INLINE __m128 x_sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
 }
 
 /* Scores of n keys for query rows q[0..R) (R <= 4, a constant after inlining) into s (row stride
- * ATTN_BLOCK_KEYS). Two keys at a time keep 2R independent FMA chains in flight. */
+ * ATTN_BLOCK_KEYS). Two keys at a time keep 2R independent FMA chains in flight. Prefetches the next
+ * block's first n_pf rows of K and V (pk, pv) on the way. */
 AVX512_INLINE void x_scores(const float *q, const char *k, int64_t k_step, int n, int d, float *s,
-                            const int R, const int dtype) {
+                            const char *pk, const char *pv, int64_t v_step, int n_pf, const int R, const int dtype) {
+    const int row_bytes = d * (dtype == VMEM_ATTN_F32 ? 4 : 2);
     int j = 0;
     for (; j + 2 <= n; j += 2) {
+        x_prefetch(pk, k_step, pv, v_step, j, n_pf, row_bytes);
+        x_prefetch(pk, k_step, pv, v_step, j + 1, n_pf, row_bytes);
         const char *k0 = k + j * k_step, *k1 = k0 + k_step;
         __m512 a0[4], a1[4];
 #pragma GCC unroll 4
@@ -340,6 +366,7 @@ AVX512_INLINE void x_scores(const float *q, const char *k, int64_t k_step, int n
         }
     }
     if (j < n) {
+        x_prefetch(pk, k_step, pv, v_step, j, n_pf, row_bytes);
         const char *k0 = k + j * k_step;
         __m512 a0[4];
 #pragma GCC unroll 4
@@ -442,24 +469,34 @@ AVX512_INLINE void x_softmax(attn_scratch_t *s, int num_rows, int n, int d) {
     do { switch (left) { case 1: call1; break; case 2: call2; break; case 3: call3; break; default: call4; } } while (0)
 
 AVX512_INLINE void x_item(const attn_item_t *it, attn_scratch_t *s, const int dtype) {
-    const int d = it->d, nr = it->num_rows;
+    const int d = it->d, hr = it->head_rows, nr = it->num_heads * hr;
     for (int64_t t0 = 0; t0 < it->num_keys; t0 += ATTN_BLOCK_KEYS) {
         const int n = (int)(it->num_keys - t0 < ATTN_BLOCK_KEYS ? it->num_keys - t0 : ATTN_BLOCK_KEYS);
-        const char *k = it->k + t0 * it->k_step, *v = it->v + t0 * it->v_step;
-        for (int r = 0; r < nr; r += 4) {
-            const float *q = s->q + r * d;
-            float *sc = s->s + r * ATTN_BLOCK_KEYS;
-            X_ROWS(x_scores(q, k, it->k_step, n, d, sc, 4, dtype), x_scores(q, k, it->k_step, n, d, sc, 3, dtype),
-                   x_scores(q, k, it->k_step, n, d, sc, 2, dtype), x_scores(q, k, it->k_step, n, d, sc, 1, dtype),
-                   nr - r);
+        const int64_t left = it->num_keys - t0 - ATTN_BLOCK_KEYS;      /* keys after this block */
+        const int n_next = (int)(left < 0 ? 0 : left < ATTN_BLOCK_KEYS ? left : ATTN_BLOCK_KEYS);
+        for (int h = 0; h < it->num_heads; h++) {
+            const char *k = it->k + h * it->k_head + t0 * it->k_step;
+            const char *pk = k + ATTN_BLOCK_KEYS * it->k_step;
+            const char *pv = it->v + h * it->v_head + (t0 + ATTN_BLOCK_KEYS) * it->v_step;
+            for (int r = 0; r < hr; r += 4) {
+                const float *q = s->q + (h * hr + r) * d;
+                float *sc = s->s + (h * hr + r) * ATTN_BLOCK_KEYS;
+                const int n_pf = r ? 0 : n_next;
+#define X_SCORES(R) x_scores(q, k, it->k_step, n, d, sc, pk, pv, it->v_step, n_pf, R, dtype)
+                X_ROWS(X_SCORES(4), X_SCORES(3), X_SCORES(2), X_SCORES(1), hr - r);
+#undef X_SCORES
+            }
         }
         x_softmax(s, nr, n, d);
-        for (int r = 0; r < nr; r += 4) {
-            float *acc = s->acc + r * d;
-            const float *p = s->s + r * ATTN_BLOCK_KEYS;
-            X_ROWS(x_accum(acc, p, v, it->v_step, n, d, 4, dtype), x_accum(acc, p, v, it->v_step, n, d, 3, dtype),
-                   x_accum(acc, p, v, it->v_step, n, d, 2, dtype), x_accum(acc, p, v, it->v_step, n, d, 1, dtype),
-                   nr - r);
+        for (int h = 0; h < it->num_heads; h++) {
+            const char *v = it->v + h * it->v_head + t0 * it->v_step;
+            for (int r = 0; r < hr; r += 4) {
+                float *acc = s->acc + (h * hr + r) * d;
+                const float *p = s->s + (h * hr + r) * ATTN_BLOCK_KEYS;
+#define X_ACCUM(R) x_accum(acc, p, v, it->v_step, n, d, R, dtype)
+                X_ROWS(X_ACCUM(4), X_ACCUM(3), X_ACCUM(2), X_ACCUM(1), hr - r);
+#undef X_ACCUM
+            }
         }
     }
 }
@@ -482,22 +519,31 @@ int vmem_attn_decode_path(int32_t head_dim, int32_t flags) {
 
 /* ---- work split ---------------------------------------------------------------------------------- */
 
+/* item = ((b * head_groups) + head group) * chunks_per_head + chunk; a head group is heads_per_item KV
+ * heads; a chunk is ATTN_MAX_ROWS query rows of one head's group (chunks_per_head > 1 only for groups
+ * larger than ATTN_MAX_ROWS, and then heads_per_item == 1). */
 typedef struct {
     const vmem_attn_decode_t *a;
-    int path, chunks_per_head;
+    int path, heads_per_item, head_groups, chunks_per_head;
     int64_t num_items;
     int64_t next;                   /* next item to take (atomic) */
 } attn_job_t;
+
+typedef struct {
+    attn_job_t *job;
+    attn_scratch_t *scratch;
+} attn_worker_t;
 
 static void run_item(const attn_job_t *job, int64_t item, attn_scratch_t *s) {
     const vmem_attn_decode_t *a = job->a;
     const int group = a->num_heads / a->num_kv_heads;
     const int chunk = (int)(item % job->chunks_per_head);
-    const int h = (int)(item / job->chunks_per_head % a->num_kv_heads);
-    const int64_t b = item / job->chunks_per_head / a->num_kv_heads;
+    const int h0 = (int)(item / job->chunks_per_head % job->head_groups) * job->heads_per_item;
+    const int64_t b = item / job->chunks_per_head / job->head_groups;
+    const int num_heads = a->num_kv_heads - h0 < job->heads_per_item ? a->num_kv_heads - h0 : job->heads_per_item;
     const int row0 = chunk * ATTN_MAX_ROWS;
-    const int num_rows = group - row0 < ATTN_MAX_ROWS ? group - row0 : ATTN_MAX_ROWS;
-    const attn_item_t it = item_begin(a, b, h, row0, num_rows, s);
+    const int head_rows = group - row0 < ATTN_MAX_ROWS ? group - row0 : ATTN_MAX_ROWS;
+    const attn_item_t it = item_begin(a, b, h0, num_heads, row0, head_rows, s);
 #if defined(__x86_64__)
     if (job->path == VMEM_ATTN_PATH_AVX512) {
         if (a->dtype == VMEM_ATTN_F32)
@@ -509,17 +555,16 @@ static void run_item(const attn_job_t *job, int64_t item, attn_scratch_t *s) {
     } else
 #endif
         item_portable(&it, s, a->dtype);
-    item_end(a, b, h, row0, num_rows, s);
+    item_end(a, b, h0, num_heads, row0, head_rows, s);
 }
 
 static void *attn_worker(void *arg) {
-    attn_job_t *job = arg;
-    attn_scratch_t s;
+    attn_worker_t *w = arg;
     for (;;) {
-        const int64_t item = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
-        if (item >= job->num_items)
+        const int64_t item = __atomic_fetch_add(&w->job->next, 1, __ATOMIC_RELAXED);
+        if (item >= w->job->num_items)
             return NULL;
-        run_item(job, item, &s);
+        run_item(w->job, item, w->scratch);
     }
 }
 
@@ -541,41 +586,59 @@ static int validate(const vmem_attn_decode_t *a) {
     return VMEM_OK;
 }
 
+static int64_t min64(int64_t x, int64_t y) { return x < y ? x : y; }
+
 /* pre: args describes valid memory: for every b, rows[b] is a row of both caches holding at least
  *      seqlens[b] tokens, q/out hold batch x num_heads rows of head_dim elements, out overlaps nothing
  *      it reads; head_dim <= 256; num_heads a multiple of num_kv_heads; num_threads >= 1.
- * Writes out; reads K/V only at tokens [0, seqlens[b]). VMEM_ERR_INVALID for a bad argument (nothing
- * written). Needs no GIL; uses up to num_threads threads, the caller's included. */
+ * Writes out; reads K/V only at tokens [0, seqlens[b]). VMEM_ERR_INVALID for a bad argument,
+ * VMEM_ERR_OOM when not even one thread's scratch could be allocated (nothing written either way).
+ * Needs no GIL; uses up to num_threads threads, the caller's included. */
 int vmem_attn_decode(const vmem_attn_decode_t *args) {
     const int rc = validate(args);
     if (rc != VMEM_OK)
         return rc;
     const int group = args->num_heads / args->num_kv_heads;
-    attn_job_t job = {
-        .a = args, .path = vmem_attn_decode_path(args->head_dim, args->flags),
-        .chunks_per_head = (group + ATTN_MAX_ROWS - 1) / ATTN_MAX_ROWS, .next = 0,
-    };
-    job.num_items = (int64_t)args->batch * args->num_kv_heads * job.chunks_per_head;
     int64_t total_keys = 0;
     for (int32_t b = 0; b < args->batch; b++)
         total_keys += args->seqlens[b];
-    int64_t want = total_keys * args->num_kv_heads / ATTN_KEYS_PER_THREAD;
-    want = want < args->num_threads ? want : args->num_threads;
-    want = want < job.num_items ? want : job.num_items;
-    want = want < ATTN_MAX_THREADS ? want : ATTN_MAX_THREADS;
+    attn_job_t job = {.a = args, .path = vmem_attn_decode_path(args->head_dim, args->flags), .next = 0};
+    job.chunks_per_head = (group + ATTN_MAX_ROWS - 1) / ATTN_MAX_ROWS;
+    int64_t want = min64(min64(total_keys * args->num_kv_heads / ATTN_KEYS_PER_THREAD, args->num_threads),
+                         min64((int64_t)args->batch * args->num_kv_heads * job.chunks_per_head, ATTN_MAX_THREADS));
+    want = want < 1 ? 1 : want;
+    /* as many KV heads per item as the scratch holds, while leaving >= 4 items per thread */
+    int64_t hpi = min64(group <= ATTN_MAX_ROWS ? ATTN_MAX_ROWS / group : 1, args->num_kv_heads);
+    if (want > 1)
+        hpi = min64(hpi, args->batch * args->num_kv_heads / (4 * want));
+    job.heads_per_item = hpi < 1 ? 1 : (int)hpi;
+    job.head_groups = (args->num_kv_heads + job.heads_per_item - 1) / job.heads_per_item;
+    job.num_items = (int64_t)args->batch * job.head_groups * job.chunks_per_head;
+
+    attn_worker_t workers[ATTN_MAX_THREADS];
     pthread_t threads[ATTN_MAX_THREADS];
-    int started = 0;
-    if (want > 1) {
+    int num_workers = 0, started = 0;
+    for (; num_workers < want; num_workers++) {
+        void *mem = NULL;
+        if (posix_memalign(&mem, 64, sizeof(attn_scratch_t)) != 0)
+            break;                          /* fewer threads */
+        workers[num_workers] = (attn_worker_t){.job = &job, .scratch = mem};
+    }
+    if (num_workers == 0)
+        return VMEM_ERR_OOM;
+    if (num_workers > 1) {
         sigset_t all, old;                  /* workers take no signals: Python's handlers stay put */
         sigfillset(&all);
         pthread_sigmask(SIG_SETMASK, &all, &old);
-        for (; started < want - 1; started++)
-            if (pthread_create(&threads[started], NULL, attn_worker, &job) != 0)
+        for (; started < num_workers - 1; started++)
+            if (pthread_create(&threads[started], NULL, attn_worker, &workers[started + 1]) != 0)
                 break;                      /* fewer threads; the caller does the rest */
         pthread_sigmask(SIG_SETMASK, &old, NULL);
     }
-    attn_worker(&job);
+    attn_worker(&workers[0]);
     for (int i = 0; i < started; i++)
         pthread_join(threads[i], NULL);
+    for (int i = 0; i < num_workers; i++)
+        free(workers[i].scratch);
     return VMEM_OK;
 }
