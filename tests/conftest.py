@@ -43,6 +43,25 @@ def host_pool(host_backend):
     p.close()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch intra-op thread for the module: the tiny model is faster and steadier so on a shared 2-core box."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The tiny reference model with seed 0 (modules may override it)."""
+    from vmem.engine.model import Model, ModelConfig
+
+    return Model(ModelConfig.preset("tiny", seed=0))
+
+
 def _cuda_ok():
     try:
         from vmem.backends import cuda_available

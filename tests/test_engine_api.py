@@ -1,18 +1,9 @@
 """The Engine API the server codes against: build_engine, stop strings, stats, close."""
 
 import pytest
-import torch
 
 from vmem.engine.engine import Request, RequestOutput, SamplingParams, build_engine
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def collect(engine, rid):
     toks, last = [], None

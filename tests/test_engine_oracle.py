@@ -10,20 +10,7 @@ from vmem.engine.engine import Engine, Request, SamplingParams
 from vmem.engine.model import Model, ModelConfig
 
 KINDS = ["vmem", "paged", "static"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model is faster and steadier on one intra-op thread, above all on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return Model(ModelConfig.preset("tiny", seed=0))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_spec(model, max_batch, max_seq_len=128, page_bytes=4096):

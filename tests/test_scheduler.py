@@ -2,26 +2,11 @@
 preemption order and count, abort, typed errors for requests that can never run."""
 
 import pytest
-import torch
 
 from vmem.allocator import KVCacheSpec, make_cache
 from vmem.engine.engine import Engine, Request, SamplingParams
-from vmem.engine.model import Model, ModelConfig
 from vmem.errors import VmemInvalidArgument
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model is faster and steadier on one intra-op thread, above all on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return Model(ModelConfig.preset("tiny", seed=0))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def new_engine(model, kind="vmem", *, max_batch=4, max_seq_len=128, memory_tokens=None, chunk=32, budget=128):
