@@ -3,6 +3,7 @@
 import pytest
 
 from vmem.engine.engine import Request, RequestOutput, SamplingParams, build_engine
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 def collect(engine, rid):

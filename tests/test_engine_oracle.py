@@ -10,6 +10,7 @@ from vmem.engine.engine import Engine, Request, SamplingParams
 from vmem.engine.model import Model, ModelConfig
 
 KINDS = ["vmem", "paged", "static"]
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -6,6 +6,7 @@ import pytest
 from vmem.allocator import KVCacheSpec, make_cache
 from vmem.engine.engine import Engine, Request, SamplingParams
 from vmem.errors import VmemInvalidArgument
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
