@@ -16,7 +16,7 @@ D = 64
 HKV = 2
 LENGTHS = [1, 63, 64, 65, 130, 0, 7]          # 64 = the kernel's key block; 0 gives zeros
 ROWS = [3, 0, 6, 1, 5, 2, 4]                  # cache rows, not in order
-PATHS = [False, True]                         # portable forced?
+PATHS = cpu_decode.PATHS                      # "auto", "avx512" (no bf16 dot products), "portable"
 
 
 def tol(dtype):
@@ -64,40 +64,40 @@ def expected(q, keys, values, scale):
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("portable", PATHS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("group", [1, 4, 8])
 @pytest.mark.parametrize("layout", ["NHD", "HND", "GROUP", "GROUP_HND"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_kernel_matches_naive(dtype, layout, group, portable):
+def test_kernel_matches_naive(dtype, layout, group, path):
     k_nhd, v_nhd, keys, values = poisoned_cache(layout, dtype, max_seq=160)
     g = torch.Generator().manual_seed(1)
     q = torch.randn(len(ROWS), 1, HKV * group, D, generator=g).to(dtype)
     out = torch.empty_like(q)
     scale = 0.3
-    assert cpu_decode.decode_attention(q, k_nhd, v_nhd, LENGTHS, ROWS, scale, out, portable=portable)
+    assert cpu_decode.decode_attention(q, k_nhd, v_nhd, LENGTHS, ROWS, scale, out, path=path)
     torch.testing.assert_close(out.float(), expected(q, keys, values, scale).float(), **tol(dtype))
 
 
-@pytest.mark.parametrize("portable", PATHS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("head_dim", [40, 48, 256])           # 40: no 16-wide vectors (portable anyway)
-def test_head_dims(head_dim, portable):
+def test_head_dims(head_dim, path):
     k_nhd, v_nhd, keys, values = poisoned_cache("HND", torch.bfloat16, max_seq=140, head_dim=head_dim)
     q = torch.randn(len(ROWS), 1, HKV * 4, head_dim).to(torch.bfloat16)
     out = torch.empty_like(q)
-    assert cpu_decode.decode_attention(q, k_nhd, v_nhd, LENGTHS, ROWS, head_dim ** -0.5, out, portable=portable)
+    assert cpu_decode.decode_attention(q, k_nhd, v_nhd, LENGTHS, ROWS, head_dim ** -0.5, out, path=path)
     torch.testing.assert_close(out.float(), expected(q, keys, values, head_dim ** -0.5).float(),
                                **tol(torch.bfloat16))
 
 
-@pytest.mark.parametrize("portable", PATHS)
-def test_large_gqa_group_and_threads(portable):
+@pytest.mark.parametrize("path", PATHS)
+def test_large_gqa_group_and_threads(path):
     """Group 20 (> the 16 query rows of one work item) and 2 worker threads (enough keys to start them)."""
     g = torch.Generator().manual_seed(2)
     lengths, rows = [9000, 8191, 1], [0, 1, 2]
     k, v = (torch.randn(3, 9000, 2, 32, generator=g) for _ in range(2))
     q = torch.randn(3, 1, 40, 32, generator=g)
     out = torch.empty_like(q)
-    assert cpu_decode.decode_attention(q, k, v, lengths, rows, 0.2, out, num_threads=2, portable=portable)
+    assert cpu_decode.decode_attention(q, k, v, lengths, rows, 0.2, out, num_threads=2, path=path)
     want = torch.cat([naive_attention(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], causal=False, softmax_scale=0.2)
                       for b, n in enumerate(lengths)])
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
@@ -109,17 +109,21 @@ def test_large_scores_stay_finite():
     v = torch.randn(1, 300, 1, 32)
     q = torch.randn(1, 1, 4, 32) * 30
     out = torch.empty_like(q)
-    for portable in PATHS:
-        assert cpu_decode.decode_attention(q, k, v, [300], [0], 1.0, out, portable=portable)
+    for path in PATHS:
+        assert cpu_decode.decode_attention(q, k, v, [300], [0], 1.0, out, path=path)
         torch.testing.assert_close(out, naive_attention(q, k, v, causal=False, softmax_scale=1.0),
                                    atol=1e-4, rtol=1e-4)
 
 
-def test_avx512_path_is_selected_when_the_cpu_has_it():
+def test_the_best_path_the_cpu_has_is_selected():
     with open("/proc/cpuinfo") as f:
-        has = " avx512f" in f.read()
-    assert cpu_decode.kernel_path(128) == ("avx512" if has else "portable")
-    assert cpu_decode.kernel_path(128, portable=True) == "portable"
+        flags = f.read().split()
+    has_avx512, has_bf16 = "avx512f" in flags, "avx512f" in flags and "avx512_bf16" in flags
+    best = "avx512_bf16" if has_bf16 else "avx512" if has_avx512 else "portable"
+    assert cpu_decode.kernel_path(128) == best
+    assert cpu_decode.kernel_path(48) == ("avx512" if has_avx512 else "portable")     # bf16 dot needs 32 | D
+    assert cpu_decode.kernel_path(128, "avx512") == ("avx512" if has_avx512 else "portable")
+    assert cpu_decode.kernel_path(128, "portable") == "portable"
     assert cpu_decode.kernel_path(40) == "portable"
 
 

@@ -51,8 +51,10 @@
 #define VMEM_ATTN_F16 1
 #define VMEM_ATTN_BF16 2
 #define VMEM_ATTN_PORTABLE 1
+#define VMEM_ATTN_NO_BF16_DOT 2
 #define VMEM_ATTN_PATH_PORTABLE 0
 #define VMEM_ATTN_PATH_AVX512 1
+#define VMEM_ATTN_PATH_AVX512_BF16 2
 
 typedef struct {
     const void *q;          /* query b, head h: q + b*q_stride_b + h*q_stride_h, head_dim contiguous */
@@ -68,7 +70,7 @@ typedef struct {
     int32_t dtype;          /* VMEM_ATTN_F32 / F16 / BF16: q, caches and out alike */
     int32_t batch, num_heads, num_kv_heads, head_dim;
     int32_t num_threads;    /* upper bound on threads used, >= 1 */
-    int32_t flags;          /* VMEM_ATTN_PORTABLE: never take the AVX-512 path */
+    int32_t flags;          /* VMEM_ATTN_PORTABLE: no AVX-512; VMEM_ATTN_NO_BF16_DOT: no vdpbf16ps */
     float scale;            /* softmax scale */
 } vmem_attn_decode_t;
 
@@ -77,6 +79,12 @@ int vmem_attn_decode_path(int32_t head_dim, int32_t flags);
 /* ---- end of declarations ---------------------------------------------------------------------- */
 
 #define ATTN_BLOCK_KEYS 64      /* keys per softmax block */
+#ifndef ATTN_PREFETCH_KEYS
+#define ATTN_PREFETCH_KEYS 128  /* how far ahead the rows of a block are prefetched */
+#endif
+#ifndef ATTN_PREFETCH_V
+#define ATTN_PREFETCH_V 64
+#endif
 #define ATTN_MAX_ROWS 64        /* query rows per work item (several KV heads when the group is small) */
 #define ATTN_MAX_DIM 256
 #define ATTN_KEYS_PER_THREAD 16384  /* (key, KV head) pairs of work that justify one more thread */
@@ -86,6 +94,7 @@ int vmem_attn_decode_path(int32_t head_dim, int32_t flags);
 typedef struct {
     float q[ATTN_MAX_ROWS * ATTN_MAX_DIM];      /* query rows, pre-multiplied by scale * log2(e) */
     float acc[ATTN_MAX_ROWS * ATTN_MAX_DIM];    /* unnormalised output rows */
+    uint16_t qb[ATTN_MAX_ROWS * ATTN_MAX_DIM];  /* bf16 query rows as given (the bf16 dot-product path) */
     float s[ATTN_MAX_ROWS * ATTN_BLOCK_KEYS];   /* scores, then probabilities, of one block */
     float m[ATTN_MAX_ROWS], l[ATTN_MAX_ROWS];   /* running max (log2 units) and sum */
 } attn_scratch_t;                               /* one per thread, 64-byte aligned, on the heap */
@@ -181,6 +190,7 @@ typedef struct {
     int64_t k_head, v_head;         /* bytes between KV heads */
     int64_t num_keys;
     int num_heads, head_rows, d;    /* KV heads, query rows per KV head, head_dim */
+    float qmul;                     /* scale * log2(e): what s->q already holds, s->qb does not */
 } attn_item_t;
 
 static size_t dtype_bytes(int32_t dtype) { return dtype == VMEM_ATTN_F32 ? 4 : 2; }
@@ -202,13 +212,16 @@ static attn_item_t item_begin(const vmem_attn_decode_t *a, int64_t b, int h0, in
         .k_step = a->k_stride_s * eb, .v_step = a->v_stride_s * eb,
         .k_head = a->k_stride_h * eb, .v_head = a->v_stride_h * eb,
         .num_keys = a->seqlens[b], .num_heads = num_heads, .head_rows = head_rows, .d = d,
+        .qmul = a->scale * LOG2E,
     };
-    const float qmul = a->scale * LOG2E;
     for (int i = 0; i < nr; i++) {
         const int64_t qh = (int64_t)(h0 + i / head_rows) * group + row0 + i % head_rows;
-        load_row(s->q + i * d, q_row(a, a->q, b, qh, 0), a->dtype, d);
+        const char *src = q_row(a, a->q, b, qh, 0);
+        load_row(s->q + i * d, src, a->dtype, d);
+        if (a->dtype == VMEM_ATTN_BF16)
+            memcpy(s->qb + i * d, src, (size_t)d * 2);
         for (int j = 0; j < d; j++)
-            s->q[i * d + j] *= qmul;
+            s->q[i * d + j] *= it.qmul;
         s->m[i] = -__builtin_inff();
         s->l[i] = 0.0f;
     }
@@ -311,13 +324,13 @@ AVX512_INLINE __m512 x_exp2(__m512 x) {
  * v_step): the hardware prefetcher stops at 4 KiB pages and cannot follow NHD's head-strided rows. */
 AVX512_INLINE void x_prefetch(const char *k, int64_t k_step, const char *v, int64_t v_step, int j, int n_pf,
                               int row_bytes) {
-    if (j >= n_pf)
-        return;
-    const char *kj = k + j * k_step, *vj = v + j * v_step;
-    for (int o = 0; o < row_bytes; o += 64) {
-        _mm_prefetch(kj + o, _MM_HINT_T1);
-        _mm_prefetch(vj + o, _MM_HINT_T1);
-    }
+    const int nk = n_pf & 0xffff, nv = n_pf >> 16;
+    if (j < nk)
+        for (int o = 0; o < row_bytes; o += 64)
+            _mm_prefetch(k + j * k_step + o, _MM_HINT_T1);
+    if (j < nv)
+        for (int o = 0; o < row_bytes; o += 64)
+            _mm_prefetch(v + j * v_step + o, _MM_HINT_T1);
 }
 
 /* Horizontal sums of 4 vectors -> [sum a0, sum a1, sum a2, sum a3]. */
@@ -468,53 +481,151 @@ AVX512_INLINE void x_softmax(attn_scratch_t *s, int num_rows, int n, int d) {
 #define X_ROWS(call4, call3, call2, call1, left) \
     do { switch (left) { case 1: call1; break; case 2: call2; break; case 3: call3; break; default: call4; } } while (0)
 
-AVX512_INLINE void x_item(const attn_item_t *it, attn_scratch_t *s, const int dtype) {
-    const int d = it->d, hr = it->head_rows, nr = it->num_heads * hr;
-    for (int64_t t0 = 0; t0 < it->num_keys; t0 += ATTN_BLOCK_KEYS) {
-        const int n = (int)(it->num_keys - t0 < ATTN_BLOCK_KEYS ? it->num_keys - t0 : ATTN_BLOCK_KEYS);
-        const int64_t left = it->num_keys - t0 - ATTN_BLOCK_KEYS;      /* keys after this block */
-        const int n_next = (int)(left < 0 ? 0 : left < ATTN_BLOCK_KEYS ? left : ATTN_BLOCK_KEYS);
-        for (int h = 0; h < it->num_heads; h++) {
-            const char *k = it->k + h * it->k_head + t0 * it->k_step;
-            const char *pk = k + ATTN_BLOCK_KEYS * it->k_step;
-            const char *pv = it->v + h * it->v_head + (t0 + ATTN_BLOCK_KEYS) * it->v_step;
-            for (int r = 0; r < hr; r += 4) {
-                const float *q = s->q + (h * hr + r) * d;
-                float *sc = s->s + (h * hr + r) * ATTN_BLOCK_KEYS;
-                const int n_pf = r ? 0 : n_next;
+static inline int block_keys(int64_t num_keys, int64_t t0) {
+    const int64_t left = num_keys - t0;
+    return (int)(left < 0 ? 0 : left < ATTN_BLOCK_KEYS ? left : ATTN_BLOCK_KEYS);
+}
+
+/* Scores of the block of keys [t0, t0 + n) for every query row of the item; prefetches the next block. */
+AVX512_INLINE void x_block_scores(const attn_item_t *it, attn_scratch_t *s, int64_t t0, const int dtype) {
+    const int d = it->d, hr = it->head_rows;
+    const int n = block_keys(it->num_keys, t0), n_next = block_keys(it->num_keys, t0 + ATTN_PREFETCH_KEYS)
+        | block_keys(it->num_keys, t0 + ATTN_PREFETCH_V) << 16;
+    for (int h = 0; h < it->num_heads; h++) {
+        const char *k = it->k + h * it->k_head + t0 * it->k_step;
+        const char *pk = k + ATTN_PREFETCH_KEYS * it->k_step;
+        const char *pv = it->v + h * it->v_head + (t0 + ATTN_PREFETCH_V) * it->v_step;
+        for (int r = 0; r < hr; r += 4) {
+            const float *q = s->q + (h * hr + r) * d;
+            float *sc = s->s + (h * hr + r) * ATTN_BLOCK_KEYS;
+            const int n_pf = r ? 0 : n_next;
 #define X_SCORES(R) x_scores(q, k, it->k_step, n, d, sc, pk, pv, it->v_step, n_pf, R, dtype)
-                X_ROWS(X_SCORES(4), X_SCORES(3), X_SCORES(2), X_SCORES(1), hr - r);
+            X_ROWS(X_SCORES(4), X_SCORES(3), X_SCORES(2), X_SCORES(1), hr - r);
 #undef X_SCORES
-            }
-        }
-        x_softmax(s, nr, n, d);
-        for (int h = 0; h < it->num_heads; h++) {
-            const char *v = it->v + h * it->v_head + t0 * it->v_step;
-            for (int r = 0; r < hr; r += 4) {
-                float *acc = s->acc + (h * hr + r) * d;
-                const float *p = s->s + (h * hr + r) * ATTN_BLOCK_KEYS;
-#define X_ACCUM(R) x_accum(acc, p, v, it->v_step, n, d, R, dtype)
-                X_ROWS(X_ACCUM(4), X_ACCUM(3), X_ACCUM(2), X_ACCUM(1), hr - r);
-#undef X_ACCUM
-            }
         }
     }
 }
 
-static AVX512 void item_avx512_f32(const attn_item_t *it, attn_scratch_t *s) { x_item(it, s, VMEM_ATTN_F32); }
-static AVX512 void item_avx512_f16(const attn_item_t *it, attn_scratch_t *s) { x_item(it, s, VMEM_ATTN_F16); }
-static AVX512 void item_avx512_bf16(const attn_item_t *it, attn_scratch_t *s) { x_item(it, s, VMEM_ATTN_BF16); }
+/* Softmax of the block's scores, then its V rows into the accumulators. */
+AVX512_INLINE void x_block_values(const attn_item_t *it, attn_scratch_t *s, int64_t t0, const int dtype) {
+    const int d = it->d, hr = it->head_rows, n = block_keys(it->num_keys, t0);
+    x_softmax(s, it->num_heads * hr, n, d);
+    for (int h = 0; h < it->num_heads; h++) {
+        const char *v = it->v + h * it->v_head + t0 * it->v_step;
+        for (int r = 0; r < hr; r += 4) {
+            float *acc = s->acc + (h * hr + r) * d;
+            const float *p = s->s + (h * hr + r) * ATTN_BLOCK_KEYS;
+#define X_ACCUM(R) x_accum(acc, p, v, it->v_step, n, d, R, dtype)
+            X_ROWS(X_ACCUM(4), X_ACCUM(3), X_ACCUM(2), X_ACCUM(1), hr - r);
+#undef X_ACCUM
+        }
+    }
+}
 
+static AVX512 void item_avx512_f32(const attn_item_t *it, attn_scratch_t *s) {
+    for (int64_t t0 = 0; t0 < it->num_keys; t0 += ATTN_BLOCK_KEYS) {
+        x_block_scores(it, s, t0, VMEM_ATTN_F32);
+        x_block_values(it, s, t0, VMEM_ATTN_F32);
+    }
+}
+
+static AVX512 void item_avx512_f16(const attn_item_t *it, attn_scratch_t *s) {
+    for (int64_t t0 = 0; t0 < it->num_keys; t0 += ATTN_BLOCK_KEYS) {
+        x_block_scores(it, s, t0, VMEM_ATTN_F16);
+        x_block_values(it, s, t0, VMEM_ATTN_F16);
+    }
+}
+
+static AVX512 void item_avx512_bf16(const attn_item_t *it, attn_scratch_t *s) {
+    for (int64_t t0 = 0; t0 < it->num_keys; t0 += ATTN_BLOCK_KEYS) {
+        x_block_scores(it, s, t0, VMEM_ATTN_BF16);
+        x_block_values(it, s, t0, VMEM_ATTN_BF16);
+    }
+}
+
+/* ---- bf16 scores with vdpbf16ps (AVX512_BF16): products of bf16 pairs summed in float32 straight from
+ * the stored bits, half the instructions of widen + FMA. The query stays unscaled bf16 (exact); the
+ * scale is applied to the float32 dot product. Needs head_dim % 32 == 0. */
+#define AVX512BF16 __attribute__((target("avx512f,avx512bf16")))
+#define AVX512BF16_INLINE static inline __attribute__((always_inline, target("avx512f,avx512bf16")))
+
+AVX512BF16_INLINE void x_scores_dot(const uint16_t *q, const char *k, int64_t k_step, int n, int d, float *s,
+                                    float qmul, const char *pk, const char *pv, int64_t v_step, int n_pf,
+                                    const int R) {
+    const __m128 mul = _mm_set1_ps(qmul);
+    int j = 0;
+    for (; j < n; j += 2) {
+        const int two = j + 1 < n;              /* the last key of an odd block pairs with itself */
+        x_prefetch(pk, k_step, pv, v_step, j, n_pf, 2 * d);
+        x_prefetch(pk, k_step, pv, v_step, j + 1, n_pf, 2 * d);
+        const char *k0 = k + j * k_step, *k1 = two ? k0 + k_step : k0;
+        __m512 a0[4], a1[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++)
+            a0[r] = a1[r] = _mm512_setzero_ps();
+        for (int c = 0; c < d; c += 32) {
+            const __m512bh x0 = (__m512bh)_mm512_loadu_si512(k0 + 2 * c);
+            const __m512bh x1 = (__m512bh)_mm512_loadu_si512(k1 + 2 * c);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) {
+                const __m512bh qr = (__m512bh)_mm512_load_si512(q + r * d + c);
+                a0[r] = _mm512_dpbf16_ps(a0[r], qr, x0);
+                a1[r] = _mm512_dpbf16_ps(a1[r], qr, x1);
+            }
+        }
+        float t0[4], t1[4];
+        _mm_storeu_ps(t0, _mm_mul_ps(mul, x_sum4(a0[0], a0[1], a0[2], a0[3])));
+        _mm_storeu_ps(t1, _mm_mul_ps(mul, x_sum4(a1[0], a1[1], a1[2], a1[3])));
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            s[r * ATTN_BLOCK_KEYS + j] = t0[r];
+            if (two)
+                s[r * ATTN_BLOCK_KEYS + j + 1] = t1[r];
+        }
+    }
+}
+
+AVX512BF16_INLINE void x_block_scores_dot(const attn_item_t *it, attn_scratch_t *s, int64_t t0) {
+    const int d = it->d, hr = it->head_rows;
+    const int n = block_keys(it->num_keys, t0), n_next = block_keys(it->num_keys, t0 + ATTN_PREFETCH_KEYS)
+        | block_keys(it->num_keys, t0 + ATTN_PREFETCH_V) << 16;
+    for (int h = 0; h < it->num_heads; h++) {
+        const char *k = it->k + h * it->k_head + t0 * it->k_step;
+        const char *pk = k + ATTN_PREFETCH_KEYS * it->k_step;
+        const char *pv = it->v + h * it->v_head + (t0 + ATTN_PREFETCH_V) * it->v_step;
+        for (int r = 0; r < hr; r += 4) {
+            const uint16_t *q = s->qb + (h * hr + r) * d;
+            float *sc = s->s + (h * hr + r) * ATTN_BLOCK_KEYS;
+            const int n_pf = r ? 0 : n_next;
+#define X_SCORES(R) x_scores_dot(q, k, it->k_step, n, d, sc, it->qmul, pk, pv, it->v_step, n_pf, R)
+            X_ROWS(X_SCORES(4), X_SCORES(3), X_SCORES(2), X_SCORES(1), hr - r);
+#undef X_SCORES
+        }
+    }
+}
+
+static AVX512BF16 void item_avx512_bf16_dot(const attn_item_t *it, attn_scratch_t *s) {
+    for (int64_t t0 = 0; t0 < it->num_keys; t0 += ATTN_BLOCK_KEYS) {
+        x_block_scores_dot(it, s, t0);
+        x_block_values(it, s, t0, VMEM_ATTN_BF16);
+    }
+}
+
+static int have_bf16_dot(void) { return __builtin_cpu_supports("avx512bf16"); }
 static int have_avx512(void) { return __builtin_cpu_supports("avx512f"); }
 #else
 static int have_avx512(void) { return 0; }
+static int have_bf16_dot(void) { return 0; }
 #endif
 
-/* pre: head_dim > 0. Which path vmem_attn_decode takes for this head_dim and flags (VMEM_ATTN_PATH_*). */
+/* pre: head_dim > 0. Which path vmem_attn_decode takes for this head_dim and flags (VMEM_ATTN_PATH_*);
+ * VMEM_ATTN_PATH_AVX512_BF16 differs from VMEM_ATTN_PATH_AVX512 for bf16 only. */
 int vmem_attn_decode_path(int32_t head_dim, int32_t flags) {
     if ((flags & VMEM_ATTN_PORTABLE) || head_dim % 16 != 0 || !have_avx512())
         return VMEM_ATTN_PATH_PORTABLE;
-    return VMEM_ATTN_PATH_AVX512;
+    if ((flags & VMEM_ATTN_NO_BF16_DOT) || head_dim % 32 != 0 || !have_bf16_dot())
+        return VMEM_ATTN_PATH_AVX512;
+    return VMEM_ATTN_PATH_AVX512_BF16;
 }
 
 /* ---- work split ---------------------------------------------------------------------------------- */
@@ -545,11 +656,13 @@ static void run_item(const attn_job_t *job, int64_t item, attn_scratch_t *s) {
     const int head_rows = group - row0 < ATTN_MAX_ROWS ? group - row0 : ATTN_MAX_ROWS;
     const attn_item_t it = item_begin(a, b, h0, num_heads, row0, head_rows, s);
 #if defined(__x86_64__)
-    if (job->path == VMEM_ATTN_PATH_AVX512) {
+    if (job->path != VMEM_ATTN_PATH_PORTABLE) {
         if (a->dtype == VMEM_ATTN_F32)
             item_avx512_f32(&it, s);
         else if (a->dtype == VMEM_ATTN_F16)
             item_avx512_f16(&it, s);
+        else if (job->path == VMEM_ATTN_PATH_AVX512_BF16)
+            item_avx512_bf16_dot(&it, s);
         else
             item_avx512_bf16(&it, s);
     } else

@@ -18,8 +18,10 @@ ATTN_DECLS = """
 #define VMEM_ATTN_F16 1
 #define VMEM_ATTN_BF16 2
 #define VMEM_ATTN_PORTABLE 1
+#define VMEM_ATTN_NO_BF16_DOT 2
 #define VMEM_ATTN_PATH_PORTABLE 0
 #define VMEM_ATTN_PATH_AVX512 1
+#define VMEM_ATTN_PATH_AVX512_BF16 2
 typedef struct {
     const void *q;
     const void *k_cache;

@@ -32,11 +32,19 @@ def _native():
     return _ffi, _lib
 
 
-def kernel_path(head_dim: int, portable: bool = False) -> str:
-    """"avx512" or "portable": the path the kernel takes on this machine for head_dim."""
+PATHS = ("auto", "avx512", "portable")       # what a caller may ask for: best, no bf16 dot products, scalar
+
+
+def _flags(lib, path: str) -> int:
+    return {"auto": 0, "avx512": lib.VMEM_ATTN_NO_BF16_DOT, "portable": lib.VMEM_ATTN_PORTABLE}[path]
+
+
+def kernel_path(head_dim: int, path: str = "auto") -> str:
+    """The path the kernel takes on this machine for head_dim when asked for ``path`` (one of PATHS):
+    "avx512_bf16" (AVX-512 with bf16 dot products for bf16), "avx512" or "portable"."""
     ffi, lib = _native()
-    path = lib.vmem_attn_decode_path(head_dim, lib.VMEM_ATTN_PORTABLE if portable else 0)
-    return "avx512" if path == lib.VMEM_ATTN_PATH_AVX512 else "portable"
+    got = lib.vmem_attn_decode_path(head_dim, _flags(lib, path))
+    return {lib.VMEM_ATTN_PATH_AVX512_BF16: "avx512_bf16", lib.VMEM_ATTN_PATH_AVX512: "avx512"}.get(got, "portable")
 
 
 def usable(q: torch.Tensor, k_nhd: torch.Tensor) -> bool:
@@ -46,14 +54,14 @@ def usable(q: torch.Tensor, k_nhd: torch.Tensor) -> bool:
 
 
 def decode_attention(q: torch.Tensor, k_nhd: torch.Tensor, v_nhd: torch.Tensor, ends, rows, scale: float,
-                     out: torch.Tensor, num_threads: int | None = None, portable: bool = False) -> bool:
+                     out: torch.Tensor, num_threads: int | None = None, path: str = "auto") -> bool:
     """out[b, 0] = attention of q[b, 0] over k_nhd / v_nhd[rows[b], :ends[b]]; False if the kernel declined.
 
     q, out:       [batch, 1, num_heads, head_dim], CPU, float32 / float16 / bfloat16; out contiguous
     k_nhd, v_nhd: [batch_cache, seqlen_cache, num_kv_heads, head_dim] views (any strides, last dim
                   contiguous), q's dtype
     ends, rows:   [batch] ints: keys to read, cache row, per request (validated by the caller)
-    num_threads:  default torch.get_num_threads();  portable: force the scalar path (tests)
+    num_threads:  default torch.get_num_threads();  path: one of PATHS, to force a slower path (tests)
     """
     try:
         ffi, lib = _native()
@@ -74,6 +82,6 @@ def decode_attention(q: torch.Tensor, k_nhd: torch.Tensor, v_nhd: torch.Tensor, 
     a.dtype = _DTYPES[q.dtype]
     a.batch, a.num_heads, a.num_kv_heads, a.head_dim = batch, num_heads, k_nhd.shape[2], head_dim
     a.num_threads = max(1, torch.get_num_threads() if num_threads is None else num_threads)
-    a.flags = lib.VMEM_ATTN_PORTABLE if portable else 0
+    a.flags = _flags(lib, path)
     a.scale = scale
     return lib.vmem_attn_decode(a) == lib.VMEM_OK
