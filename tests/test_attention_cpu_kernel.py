@@ -90,16 +90,29 @@ def test_head_dims(head_dim, path):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_large_gqa_group_and_threads(path):
-    """Group 20 (> the 16 query rows of one work item) and 2 worker threads (enough keys to start them)."""
+@pytest.mark.parametrize("num_kv_heads,group", [(8, 2), (8, 3), (8, 5), (8, 6), (8, 16), (1, 68)])
+def test_work_items_and_register_blocks(num_kv_heads, group, path):
+    """Query rows per KV head not a multiple of the 4-row register block (3, 5, 6), several KV heads per
+    work item or only some of them (8 x 16 rows > the 64 rows of one item), and a group split over two
+    items (68 rows)."""
+    k_nhd, v_nhd, keys, values = poisoned_cache("NHD", torch.bfloat16, max_seq=140, num_kv_heads=num_kv_heads)
+    q = torch.randn(len(ROWS), 1, num_kv_heads * group, D).to(torch.bfloat16)
+    out = torch.empty_like(q)
+    assert cpu_decode.decode_attention(q, k_nhd, v_nhd, LENGTHS, ROWS, 0.125, out, path=path)
+    torch.testing.assert_close(out.float(), expected(q, keys, values, 0.125).float(), **tol(torch.bfloat16))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_threads(path):
+    """2 worker threads (enough keys to start them), lengths far apart."""
     g = torch.Generator().manual_seed(2)
-    lengths, rows = [9000, 8191, 1], [0, 1, 2]
-    k, v = (torch.randn(3, 9000, 2, 32, generator=g) for _ in range(2))
-    q = torch.randn(3, 1, 40, 32, generator=g)
+    lengths, rows = [9000, 8191, 1, 0], [0, 1, 2, 3]
+    k, v = (torch.randn(4, 9000, 2, 32, generator=g) for _ in range(2))
+    q = torch.randn(4, 1, 8, 32, generator=g)
     out = torch.empty_like(q)
     assert cpu_decode.decode_attention(q, k, v, lengths, rows, 0.2, out, num_threads=2, path=path)
-    want = torch.cat([naive_attention(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], causal=False, softmax_scale=0.2)
-                      for b, n in enumerate(lengths)])
+    want = expected(q, [k[b:b + 1, :n] for b, n in enumerate(lengths)], [v[b:b + 1, :n] for b, n in enumerate(lengths)],
+                    0.2)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
@@ -113,6 +126,11 @@ def test_large_scores_stay_finite():
         assert cpu_decode.decode_attention(q, k, v, [300], [0], 1.0, out, path=path)
         torch.testing.assert_close(out, naive_attention(q, k, v, causal=False, softmax_scale=1.0),
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_only_vector_paths_are_wired_into_the_reference():
+    assert cpu_decode.fast(40) is False and cpu_decode.fast(512) is False
+    assert cpu_decode.fast(128) == (cpu_decode.kernel_path(128) != "portable")
 
 
 def test_the_best_path_the_cpu_has_is_selected():
@@ -155,12 +173,13 @@ def test_flash_attn_with_kvcache_decode_uses_the_kernel(layout, dtype, monkeypat
     kc, vc = k_cache.clone(), v_cache.clone()
     out = flash_attn_with_kvcache(q, kc, vc, k=k, v=v, cache_seqlens=seqlens, cache_batch_idx=idx,
                                   kv_layout=layout)
-    assert calls == [1]
+    want_calls = [1] if cpu_decode.fast(D) else []          # the portable path is left to SDPA
+    assert calls == want_calls
     monkeypatch.setattr(cpu_decode, "ENABLED", False)
     kc2, vc2 = k_cache.clone(), v_cache.clone()
     sdpa = flash_attn_with_kvcache(q, kc2, vc2, k=k, v=v, cache_seqlens=seqlens, cache_batch_idx=idx,
                                    kv_layout=layout)
-    assert calls == [1]
+    assert calls == want_calls
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
     torch.testing.assert_close(out.float(), sdpa.float(), **tol(dtype))
 

@@ -1,38 +1,49 @@
 /* Note [CPU decode attention]
  *
  * Rationale. On the CPU reference path a decode step (one query token per request) reads every K/V row
- * of every request once: it should run at memory bandwidth. PyTorch's CPU SDPA does not get there in
- * bf16 (it is compute-bound: per-block conversions and a GEMM shape of 4 query rows per KV head), and
- * the allocator benchmark measured it at ~3.8x the read-bandwidth floor at batch 32, context 4096.
+ * of every request once, so it should run at memory bandwidth. PyTorch's CPU SDPA does not get there in
+ * bf16: it is compute-bound on this shape (4 query rows per KV head under GQA), measured at ~3.8x the
+ * read-bandwidth floor at batch 32, context 4096 (bench/allocator.py, part "decode").
  *
- * Approach. One fused pass per (request, KV head), flash-decoding style: the query heads a KV head
- * serves under GQA (num_heads / num_kv_heads of them) are processed together, so each K and V row is
- * read once; scores, an online softmax (running max m, running sum l, accumulator rescaled when m
- * grows) and the weighted V sum are kept in float32. Keys are taken in blocks of ATTN_BLOCK_KEYS:
+ * Approach. One fused pass, flash-decoding style: the query heads a KV head serves under GQA
+ * (num_heads / num_kv_heads of them) are processed together, so each K and V row is read once; scores,
+ * an online softmax (running max m, running sum l, accumulator rescaled when m grows) and the weighted
+ * V sum stay in float32. Keys are taken in blocks of ATTN_BLOCK_KEYS:
  *
  *     keys of request b:  [0, B) [B, 2B) ... [kB, L)          L = seqlens[b]; nothing at or past L is read
- *     per block:          s = q.K^T * scale  ->  m' = max(m, max s),  p = 2^(s - m'),
+ *     per block:          s = q.K^T * scale * log2(e)  ->  m' = max(m, max s),  p = 2^(s - m'),
  *                         l = l * 2^(m - m') + sum p,  acc = acc * 2^(m - m') + p.V
  *     end:                out = acc / l                (L == 0 gives zeros, as FlashAttention does)
  *
- * Work items are (request, KV head, chunk of at most ATTN_MAX_ROWS query rows); with num_threads > 1 and
- * enough keys, worker pthreads take items from an atomic counter (the calling thread is one of them).
+ * A work item is one request and as many of its KV heads as ATTN_MAX_ROWS query rows allow (all 8 of
+ * a 32/8-head model): a block of keys then covers whole [Hkv, D] token rows, so NHD is read as
+ * sequentially as HND. With num_threads > 1 and enough keys, worker pthreads take items from an atomic
+ * counter (the calling thread is one of them); items shrink to one KV head when that leaves too few.
  *
- * Implementation. Two paths over the same algorithm: an AVX-512F one (scores register-blocked over 4
- * query rows, V accumulated in 4 query rows x 64 dims of registers, a vector 2^x; bf16 widened by a
- * shift, fp16 by vcvtph2ps) in functions marked __attribute__((target("avx512f"))) and chosen at run
- * time with __builtin_cpu_supports, so the file builds with plain flags on any x86-64 and on aarch64
- * (the x86 code sits under #if defined(__x86_64__)); and a portable scalar path the compiler may
- * auto-vectorise, used without AVX-512, for head_dim not a multiple of 16, or when the caller passes
- * VMEM_ATTN_PORTABLE (the tests force it). Both read strided K/V in place: element strides per cache
- * row, token and head with a contiguous last dim, so NHD, HND and layer-group views all work. The
- * output is rounded to the storage dtype once, round-to-nearest-even. The declarations live in
- * build.py (ATTN_DECLS, fed to cffi's cdef and to the module source); keep the two in step.
+ * Implementation. Three paths over the same algorithm, chosen per call by vmem_attn_decode_path:
+ *   - AVX-512F: scores register-blocked over 4 query rows x 2 keys; V accumulated in 4 query rows x
+ *     64 dims of registers while the block's V rows stream past; a vector 2^x (degree-6 polynomial and
+ *     vscalefps); bf16 widened by a shift, fp16 by vcvtph2ps. Rows of the block after next (K) and of
+ *     the next block (V) are prefetched into L2: the hardware prefetcher stops at 4 KiB pages and
+ *     cannot follow NHD's head-strided rows (NHD ran at half HND's speed without it).
+ *   - AVX512_BF16 (bf16 only, head_dim % 32 == 0): the same, but scores by vdpbf16ps straight from the
+ *     stored bits against the unscaled bf16 query (exact), the scale applied to the float32 sum.
+ *   - portable C, auto-vectorised at best: no AVX-512, head_dim % 16 != 0, non-x86, or flags
+ *     VMEM_ATTN_PORTABLE (tests force it; VMEM_ATTN_NO_BF16_DOT forces AVX-512F over AVX512_BF16).
+ * The x86 functions carry __attribute__((target(...))) and are picked with __builtin_cpu_supports, so
+ * the file builds with plain flags on any x86-64 and on aarch64 (x86 code under #if defined(__x86_64__)).
+ * K/V are read in place through element strides per cache row, token and head (last dim contiguous):
+ * NHD, HND and layer-group views alike. Output is rounded to the storage dtype once (nearest-even).
+ * Scratch (queries, accumulators, scores: ~150 KiB) is allocated per thread per call. The declarations
+ * live in build.py (ATTN_DECLS: cffi's cdef and the module source) as well as here; a test keeps the
+ * two in step.
  *
- * Limitations. seqlen_q == 1 only (the Python side keeps SDPA for everything else); head_dim <= 256;
- * no alibi, soft-cap, sliding window or dropout. Scores are float32 dot products of widened inputs,
- * so results match a float32 reference to rounding, not SDPA bit for bit. Threads are created per call
- * (tens of µs), so small calls stay on the calling thread.
+ * Limitations. seqlen_q == 1 only (the Python side keeps SDPA for the rest); head_dim <= 256; no alibi,
+ * soft-cap, sliding window or dropout. Results match a float32 reference to rounding, not SDPA bit for
+ * bit; vdpbf16ps flushes bf16 denormals (|x| < 1.2e-38) to zero. Threads are created per call (tens
+ * of µs), so calls under ATTN_KEYS_PER_THREAD (key, KV head) pairs per thread stay on the caller's.
+ * On the host backend K and V planes sit a power of two apart, which costs ~10% against separately
+ * allocated tensors (bench: vmem HND vs static HND), likely DRAM bank conflicts between the two streams.
  */
 #include <pthread.h>
 #include <signal.h>
@@ -79,12 +90,8 @@ int vmem_attn_decode_path(int32_t head_dim, int32_t flags);
 /* ---- end of declarations ---------------------------------------------------------------------- */
 
 #define ATTN_BLOCK_KEYS 64      /* keys per softmax block */
-#ifndef ATTN_PREFETCH_KEYS
-#define ATTN_PREFETCH_KEYS 128  /* how far ahead the rows of a block are prefetched */
-#endif
-#ifndef ATTN_PREFETCH_V
-#define ATTN_PREFETCH_V 64
-#endif
+#define ATTN_PREFETCH_K 128     /* K rows are prefetched this many keys ahead (the block after next) */
+#define ATTN_PREFETCH_V 64      /* V rows: the next block (K and V streams apart: see Limitations) */
 #define ATTN_MAX_ROWS 64        /* query rows per work item (several KV heads when the group is small) */
 #define ATTN_MAX_DIM 256
 #define ATTN_KEYS_PER_THREAD 16384  /* (key, KV head) pairs of work that justify one more thread */
@@ -190,6 +197,7 @@ typedef struct {
     int64_t k_head, v_head;         /* bytes between KV heads */
     int64_t num_keys;
     int num_heads, head_rows, d;    /* KV heads, query rows per KV head, head_dim */
+    int row_bytes;                  /* bytes of one head's row: head_dim elements */
     float qmul;                     /* scale * log2(e): what s->q already holds, s->qb does not */
 } attn_item_t;
 
@@ -212,7 +220,7 @@ static attn_item_t item_begin(const vmem_attn_decode_t *a, int64_t b, int h0, in
         .k_step = a->k_stride_s * eb, .v_step = a->v_stride_s * eb,
         .k_head = a->k_stride_h * eb, .v_head = a->v_stride_h * eb,
         .num_keys = a->seqlens[b], .num_heads = num_heads, .head_rows = head_rows, .d = d,
-        .qmul = a->scale * LOG2E,
+        .row_bytes = d * (int)eb, .qmul = a->scale * LOG2E,
     };
     for (int i = 0; i < nr; i++) {
         const int64_t qh = (int64_t)(h0 + i / head_rows) * group + row0 + i % head_rows;
@@ -260,6 +268,19 @@ static void softmax_block(attn_scratch_t *s, int num_rows, int n, int d) {
     }
 }
 
+/* Eight partial sums: a loop the compiler can vectorise without reassociating (no -ffast-math). */
+static inline float dot(const float *a, const float *b, int d) {
+    float p[8] = {0};
+    int c = 0;
+    for (; c + 8 <= d; c += 8)
+        for (int l = 0; l < 8; l++)
+            p[l] += a[c + l] * b[c + l];
+    float tail = 0.0f;
+    for (; c < d; c++)
+        tail += a[c] * b[c];
+    return tail + ((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7]));
+}
+
 static void item_portable(const attn_item_t *it, attn_scratch_t *s, int32_t dtype) {
     float row[ATTN_MAX_DIM];
     const int d = it->d, hr = it->head_rows, nr = it->num_heads * hr;
@@ -268,13 +289,8 @@ static void item_portable(const attn_item_t *it, attn_scratch_t *s, int32_t dtyp
         for (int j = 0; j < n; j++)
             for (int h = 0; h < it->num_heads; h++) {
                 load_row(row, it->k + h * it->k_head + (t0 + j) * it->k_step, dtype, d);
-                for (int i = h * hr; i < (h + 1) * hr; i++) {
-                    const float *qi = s->q + i * d;
-                    float dot = 0.0f;
-                    for (int c = 0; c < d; c++)
-                        dot += qi[c] * row[c];
-                    s->s[i * ATTN_BLOCK_KEYS + j] = dot;
-                }
+                for (int i = h * hr; i < (h + 1) * hr; i++)
+                    s->s[i * ATTN_BLOCK_KEYS + j] = dot(s->q + i * d, row, d);
             }
         softmax_block(s, nr, n, d);
         for (int j = 0; j < n; j++)
@@ -320,17 +336,22 @@ AVX512_INLINE __m512 x_exp2(__m512 x) {
     return _mm512_scalef_ps(p, xi);
 }
 
-/* Asks for the cache lines of the first n_pf token rows of the next block (bytes row_bytes, steps k_step /
- * v_step): the hardware prefetcher stops at 4 KiB pages and cannot follow NHD's head-strided rows. */
-AVX512_INLINE void x_prefetch(const char *k, int64_t k_step, const char *v, int64_t v_step, int j, int n_pf,
-                              int row_bytes) {
-    const int nk = n_pf & 0xffff, nv = n_pf >> 16;
-    if (j < nk)
-        for (int o = 0; o < row_bytes; o += 64)
-            _mm_prefetch(k + j * k_step + o, _MM_HINT_T1);
-    if (j < nv)
-        for (int o = 0; o < row_bytes; o += 64)
-            _mm_prefetch(v + j * v_step + o, _MM_HINT_T1);
+/* Rows to prefetch while a block's scores are computed: K rows [0, num_k) from k, V rows [0, num_v) from v. */
+typedef struct {
+    const char *k, *v;
+    int64_t k_step, v_step;
+    int num_k, num_v, row_bytes;
+} attn_prefetch_t;
+
+/* Asks for row j's cache lines (into L2): the hardware prefetcher stops at 4 KiB pages and cannot follow
+ * NHD's head-strided rows. */
+AVX512_INLINE void x_prefetch(const attn_prefetch_t *pf, int j) {
+    if (j < pf->num_k)
+        for (int o = 0; o < pf->row_bytes; o += 64)
+            _mm_prefetch(pf->k + j * pf->k_step + o, _MM_HINT_T1);
+    if (j < pf->num_v)
+        for (int o = 0; o < pf->row_bytes; o += 64)
+            _mm_prefetch(pf->v + j * pf->v_step + o, _MM_HINT_T1);
 }
 
 /* Horizontal sums of 4 vectors -> [sum a0, sum a1, sum a2, sum a3]. */
@@ -347,14 +368,13 @@ AVX512_INLINE __m128 x_sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
 
 /* Scores of n keys for query rows q[0..R) (R <= 4, a constant after inlining) into s (row stride
  * ATTN_BLOCK_KEYS). Two keys at a time keep 2R independent FMA chains in flight. Prefetches the next
- * block's first n_pf rows of K and V (pk, pv) on the way. */
+ * rows pf names on the way. */
 AVX512_INLINE void x_scores(const float *q, const char *k, int64_t k_step, int n, int d, float *s,
-                            const char *pk, const char *pv, int64_t v_step, int n_pf, const int R, const int dtype) {
-    const int row_bytes = d * (dtype == VMEM_ATTN_F32 ? 4 : 2);
+                            const attn_prefetch_t *pf, const int R, const int dtype) {
     int j = 0;
     for (; j + 2 <= n; j += 2) {
-        x_prefetch(pk, k_step, pv, v_step, j, n_pf, row_bytes);
-        x_prefetch(pk, k_step, pv, v_step, j + 1, n_pf, row_bytes);
+        x_prefetch(pf, j);
+        x_prefetch(pf, j + 1);
         const char *k0 = k + j * k_step, *k1 = k0 + k_step;
         __m512 a0[4], a1[4];
 #pragma GCC unroll 4
@@ -379,7 +399,7 @@ AVX512_INLINE void x_scores(const float *q, const char *k, int64_t k_step, int n
         }
     }
     if (j < n) {
-        x_prefetch(pk, k_step, pv, v_step, j, n_pf, row_bytes);
+        x_prefetch(pf, j);
         const char *k0 = k + j * k_step;
         __m512 a0[4];
 #pragma GCC unroll 4
@@ -486,20 +506,29 @@ static inline int block_keys(int64_t num_keys, int64_t t0) {
     return (int)(left < 0 ? 0 : left < ATTN_BLOCK_KEYS ? left : ATTN_BLOCK_KEYS);
 }
 
-/* Scores of the block of keys [t0, t0 + n) for every query row of the item; prefetches the next block. */
+static inline attn_prefetch_t block_prefetch(const attn_item_t *it, int h, int64_t t0) {
+    return (attn_prefetch_t){
+        .k = it->k + h * it->k_head + (t0 + ATTN_PREFETCH_K) * it->k_step,
+        .v = it->v + h * it->v_head + (t0 + ATTN_PREFETCH_V) * it->v_step,
+        .k_step = it->k_step, .v_step = it->v_step,
+        .num_k = block_keys(it->num_keys, t0 + ATTN_PREFETCH_K), .num_v = block_keys(it->num_keys, t0 + ATTN_PREFETCH_V),
+        .row_bytes = it->row_bytes,
+    };
+}
+
+/* Scores of the block of keys [t0, t0 + n) for every query row of the item; prefetches ahead. */
 AVX512_INLINE void x_block_scores(const attn_item_t *it, attn_scratch_t *s, int64_t t0, const int dtype) {
     const int d = it->d, hr = it->head_rows;
-    const int n = block_keys(it->num_keys, t0), n_next = block_keys(it->num_keys, t0 + ATTN_PREFETCH_KEYS)
-        | block_keys(it->num_keys, t0 + ATTN_PREFETCH_V) << 16;
+    const int n = block_keys(it->num_keys, t0);
     for (int h = 0; h < it->num_heads; h++) {
         const char *k = it->k + h * it->k_head + t0 * it->k_step;
-        const char *pk = k + ATTN_PREFETCH_KEYS * it->k_step;
-        const char *pv = it->v + h * it->v_head + (t0 + ATTN_PREFETCH_V) * it->v_step;
+        attn_prefetch_t pf = block_prefetch(it, h, t0);
         for (int r = 0; r < hr; r += 4) {
             const float *q = s->q + (h * hr + r) * d;
             float *sc = s->s + (h * hr + r) * ATTN_BLOCK_KEYS;
-            const int n_pf = r ? 0 : n_next;
-#define X_SCORES(R) x_scores(q, k, it->k_step, n, d, sc, pk, pv, it->v_step, n_pf, R, dtype)
+            if (r)
+                pf.num_k = pf.num_v = 0;        /* asked for by the first register block */
+#define X_SCORES(R) x_scores(q, k, it->k_step, n, d, sc, &pf, R, dtype)
             X_ROWS(X_SCORES(4), X_SCORES(3), X_SCORES(2), X_SCORES(1), hr - r);
 #undef X_SCORES
         }
@@ -550,14 +579,13 @@ static AVX512 void item_avx512_bf16(const attn_item_t *it, attn_scratch_t *s) {
 #define AVX512BF16_INLINE static inline __attribute__((always_inline, target("avx512f,avx512bf16")))
 
 AVX512BF16_INLINE void x_scores_dot(const uint16_t *q, const char *k, int64_t k_step, int n, int d, float *s,
-                                    float qmul, const char *pk, const char *pv, int64_t v_step, int n_pf,
-                                    const int R) {
+                                    float qmul, const attn_prefetch_t *pf, const int R) {
     const __m128 mul = _mm_set1_ps(qmul);
     int j = 0;
     for (; j < n; j += 2) {
         const int two = j + 1 < n;              /* the last key of an odd block pairs with itself */
-        x_prefetch(pk, k_step, pv, v_step, j, n_pf, 2 * d);
-        x_prefetch(pk, k_step, pv, v_step, j + 1, n_pf, 2 * d);
+        x_prefetch(pf, j);
+        x_prefetch(pf, j + 1);
         const char *k0 = k + j * k_step, *k1 = two ? k0 + k_step : k0;
         __m512 a0[4], a1[4];
 #pragma GCC unroll 4
@@ -587,17 +615,16 @@ AVX512BF16_INLINE void x_scores_dot(const uint16_t *q, const char *k, int64_t k_
 
 AVX512BF16_INLINE void x_block_scores_dot(const attn_item_t *it, attn_scratch_t *s, int64_t t0) {
     const int d = it->d, hr = it->head_rows;
-    const int n = block_keys(it->num_keys, t0), n_next = block_keys(it->num_keys, t0 + ATTN_PREFETCH_KEYS)
-        | block_keys(it->num_keys, t0 + ATTN_PREFETCH_V) << 16;
+    const int n = block_keys(it->num_keys, t0);
     for (int h = 0; h < it->num_heads; h++) {
         const char *k = it->k + h * it->k_head + t0 * it->k_step;
-        const char *pk = k + ATTN_PREFETCH_KEYS * it->k_step;
-        const char *pv = it->v + h * it->v_head + (t0 + ATTN_PREFETCH_V) * it->v_step;
+        attn_prefetch_t pf = block_prefetch(it, h, t0);
         for (int r = 0; r < hr; r += 4) {
             const uint16_t *q = s->qb + (h * hr + r) * d;
             float *sc = s->s + (h * hr + r) * ATTN_BLOCK_KEYS;
-            const int n_pf = r ? 0 : n_next;
-#define X_SCORES(R) x_scores_dot(q, k, it->k_step, n, d, sc, it->qmul, pk, pv, it->v_step, n_pf, R)
+            if (r)
+                pf.num_k = pf.num_v = 0;
+#define X_SCORES(R) x_scores_dot(q, k, it->k_step, n, d, sc, it->qmul, &pf, R)
             X_ROWS(X_SCORES(4), X_SCORES(3), X_SCORES(2), X_SCORES(1), hr - r);
 #undef X_SCORES
         }
