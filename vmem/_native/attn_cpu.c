@@ -242,7 +242,7 @@ static void item_end(const vmem_attn_decode_t *a, int64_t b, int h0, int num_hea
     const int d = a->head_dim, group = a->num_heads / a->num_kv_heads;
     for (int i = 0; i < num_heads * head_rows; i++) {
         const int64_t qh = (int64_t)(h0 + i / head_rows) * group + row0 + i % head_rows;
-        const float mul = s->l[i] > 0.0f ? 1.0f / s->l[i] : 0.0f;   /* no keys: zeros */
+        const float mul = s->l[i] == 0.0f ? 0.0f : 1.0f / s->l[i];  /* no keys: zeros; NaN stays NaN */
         store_row((char *)q_row(a, a->out, b, qh, 1), s->acc + i * d, mul, a->dtype, d);
     }
 }
