@@ -3,6 +3,8 @@
 import pytest
 
 from vmem.engine.engine import Request, RequestOutput, SamplingParams, build_engine
+from vmem.engine.model import ModelConfig
+from vmem.errors import VmemInvalidArgument
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,5 +47,31 @@ def test_stop_string_finishes_with_stop():
         got, last = collect(engine, "stopped")
         assert last.finish_reason == "stop" and got == toks[:len(got)] and len(got) <= k + 1
         assert stop in engine.tokenizer.decode(got)
+    finally:
+        engine.close()
+
+
+def test_seed_torch_cannot_take_is_refused_at_add_request():
+    engine = build_engine("tiny", "vmem", max_batch=2, max_seq_len=64)
+    try:
+        with pytest.raises(VmemInvalidArgument, match="seed"):
+            engine.add_request(Request("s", [1, 2], SamplingParams(max_tokens=2, temperature=1.0, seed=2 ** 64)))
+        assert not engine.has_work()
+    finally:
+        engine.close()
+
+
+def test_request_past_the_models_max_position_is_refused_at_add_request():
+    # max_seq_len beyond the model's rotary table: the engine's bound is the smaller of the two, so a
+    # request that would reach a position the model has no embedding for never gets into a step.
+    engine = build_engine(ModelConfig.preset("tiny", max_position=64), "vmem", max_batch=2, max_seq_len=128)
+    try:
+        assert engine.max_seq_len == 64
+        with pytest.raises(VmemInvalidArgument, match="64"):
+            engine.add_request(Request("long", [1] * 60, SamplingParams(max_tokens=10)))
+        assert not engine.has_work()
+        engine.add_request(Request("ok", [1] * 60, SamplingParams(max_tokens=4, ignore_eos=True)))
+        toks, last = collect(engine, "ok")
+        assert len(toks) == 4 and last.finish_reason == "length"
     finally:
         engine.close()

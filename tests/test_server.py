@@ -515,6 +515,8 @@ BAD_REQUESTS = [
     ("token id out of vocab", "/v1/completions", {"model": MODEL, "prompt": [1, 10 ** 6]}, 400, "vocabulary"),
     ("temperature range", "/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 9.0}, 400, "temperature"),
     ("batched prompts", "/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "one prompt"),
+    ("seed too large", "/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 1.0, "seed": 2 ** 64},
+     400, "seed"),
 ]
 
 

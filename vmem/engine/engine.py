@@ -79,7 +79,12 @@ class Engine:
 
     @property
     def max_seq_len(self) -> int:
-        return self.cache.spec.max_seq_len
+        """Longest sequence (prompt + output) a request may reach: the cache's max_seq_len, or the
+        model's max_position (its rotary table) where that is smaller."""
+        max_position = getattr(getattr(self.model, "config", None), "max_position", None)
+        if max_position is None:
+            return self.cache.spec.max_seq_len
+        return min(self.cache.spec.max_seq_len, max_position)
 
     @property
     def num_running(self) -> int:
@@ -110,7 +115,9 @@ class Engine:
         total = len(req.prompt_ids) + p.max_tokens
         if total > self.max_seq_len:
             raise VmemInvalidArgument(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({p.max_tokens}) = "
-                                      f"{total} exceeds the cache's max_seq_len {self.max_seq_len}")
+                                      f"{total} exceeds the engine's max_seq_len {self.max_seq_len}")
+        if p.seed is not None and not -(1 << 63) <= p.seed < (1 << 64):
+            raise VmemInvalidArgument(f"seed must be in [-2**63, 2**64), got {p.seed}")
         vocab = self.model.config.vocab_size
         if min(req.prompt_ids) < 0 or max(req.prompt_ids) >= vocab:
             raise VmemInvalidArgument(f"prompt token ids must be in [0, {vocab})")

@@ -63,7 +63,7 @@ class ServerState:
         self.model_name = model_name
         self.limits = limits
         self.tokenizer = engine.tokenizer
-        self.max_seq_len = int(engine.cache.spec.max_seq_len)
+        self.max_seq_len = int(engine.max_seq_len)   # the cache's, or the model's max_position if smaller
         self.vocab_size = int(engine.model.config.vocab_size)
         self.engine_loop: EngineLoop | None = None   # made on the event loop, at startup
         self.metrics = ServerMetrics()
