@@ -332,3 +332,44 @@ def test_hugetlb_pool_when_the_machine_has_huge_pages(host_backend):
         r.unmap([2])
         pool.trim([1])
         assert pool.resident_bytes() == hp
+
+
+def test_grow_past_the_page_id_limit_is_refused_and_changes_nothing(host_backend):
+    """num_pages + grow overflowed int64 (and num_pages * page_bytes overflowed the file size): the
+    memfd was truncated under mapped pages and num_pages went negative."""
+    with host_backend.create_pool(PB, 16) as pool, host_backend.reserve(16 * PB, PB) as r:
+        r.map(np.arange(16), pool, np.arange(16))
+        r.tensor(torch.uint8, (16 * PB,)).fill_(7)
+        before = pool.info()
+        for n in (2**63 - 1, 2**63 - 16, 2**47, (2**62 // PB) + 1):
+            with pytest.raises(VmemInvalidArgument):
+                pool.grow(n)
+        assert pool.info() == before
+        assert os_blocks_bytes(pool) == 16 * PB
+        import os
+        assert os.fstat(pool.info()["fd"]).st_size == 16 * PB
+        assert int(r.tensor(torch.uint8, (16 * PB,)).sum()) == 7 * 16 * PB
+
+
+def test_out_of_range_integers_raise_typed_errors(host_backend, host_resv, host_pool):
+    """Numbers cffi cannot convert (negative sizes, > 64 bits) are invalid arguments, not OverflowError."""
+    state = (host_resv.mapping().copy(), host_pool.info())
+    bad = [
+        lambda: host_backend.reserve(-1, PB),
+        lambda: host_backend.reserve(2**64, PB),
+        lambda: host_backend.reserve(PB, 2**64),
+        lambda: host_backend.create_pool(PB, 2**64),
+        lambda: host_backend.create_pool(PB, 4, max_pages=2**64),
+        lambda: host_pool.grow(2**64),
+        lambda: host_pool.trim([2**64]),
+        lambda: host_resv.map([2**64], host_pool, [0]),
+        lambda: host_resv.map([0], host_pool, [-2**64]),
+        lambda: host_resv.unmap([2**70]),
+        lambda: host_resv.mapping(0, 2**62),
+        lambda: host_resv.mapping(2**64, 1),
+        lambda: host_backend.set_map_budget(2**64),
+    ]
+    for call in bad:
+        with pytest.raises(VmemInvalidArgument):
+            call()
+    assert np.array_equal(host_resv.mapping(), state[0]) and host_pool.info() == state[1]

@@ -348,7 +348,7 @@ int vmem_resv_read_table(vmem_resv_t *r, int64_t first, int64_t n, int64_t *out_
         pthread_mutex_unlock(&r->lock);
         return VMEM_ERR_CLOSED;
     }
-    if (first + n > r->num_pages) {
+    if (n > r->num_pages - first) {   /* not first + n: that can overflow */
         pthread_mutex_unlock(&r->lock);
         return VMEM_ERR_INVALID;
     }

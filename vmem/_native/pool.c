@@ -98,7 +98,8 @@ oom:
     return _vmem_fail(err, VMEM_ERR_OOM, VMEM_DETAIL_NONE, -1);
 }
 
-/* pre: p open; num_pages >= 0 more pages; stays within max_pages. */
+/* pre: p open; num_pages >= 0 more pages; stays within max_pages, below VMEM_MAX_PHYS ids and 2^62 bytes
+ * (as vmem_pool_create). */
 int vmem_pool_grow(vmem_pool_t *p, int64_t num_pages, vmem_err_t *err)
 {
     int rc;
@@ -106,10 +107,13 @@ int vmem_pool_grow(vmem_pool_t *p, int64_t num_pages, vmem_err_t *err)
     if (err) memset(err, 0, sizeof(*err)), err->index = -1;
     if (!p || num_pages < 0) return _vmem_fail(err, VMEM_ERR_INVALID, VMEM_DETAIL_NONE, -1);
     pthread_mutex_lock(&p->lock);
-    want = p->num_pages + num_pages;
+    /* saturate instead of overflowing: a wrapped sum (or sum * page_bytes) once truncated the memfd */
+    want = num_pages < VMEM_MAX_PHYS - p->num_pages ? p->num_pages + num_pages : VMEM_MAX_PHYS;
     if (p->closed) rc = _vmem_fail(err, VMEM_ERR_CLOSED, VMEM_DETAIL_NONE, -1);
-    else if ((p->max_pages && want > p->max_pages) || want >= VMEM_MAX_PHYS)
+    else if (p->max_pages && want > p->max_pages)
         rc = _vmem_fail(err, VMEM_ERR_INVALID, VMEM_DETAIL_POOL_FULL, -1);
+    else if (want >= VMEM_MAX_PHYS || (uint64_t)want > ((uint64_t)1 << 62) / p->page_bytes)
+        rc = _vmem_fail(err, VMEM_ERR_INVALID, VMEM_DETAIL_TOO_LARGE, -1);
     else if (num_pages == 0) rc = VMEM_OK;
     else if (pool_reserve_arrays(p, want) != VMEM_OK) rc = _vmem_fail(err, VMEM_ERR_OOM, VMEM_DETAIL_NONE, -1);
     else if ((rc = p->b->ops->pool_grow(p, want, err)) == VMEM_OK) p->num_pages = want;

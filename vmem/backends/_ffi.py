@@ -31,7 +31,12 @@ def as_pages(pages, name: str) -> np.ndarray:
     elif hasattr(pages, "detach") and hasattr(pages, "cpu"):  # torch.Tensor without importing torch
         arr = np.ascontiguousarray(pages.detach().cpu().numpy(), dtype=np.int64)
     else:
-        arr = np.ascontiguousarray(pages, dtype=np.int64)
+        try:
+            arr = np.ascontiguousarray(pages, dtype=np.int64)
+        except OverflowError as exc:  # an int beyond int64: no page has that index
+            from vmem.errors import VmemInvalidArgument
+
+            raise VmemInvalidArgument("%s: page index out of the int64 range (%s)" % (name, exc), op=name) from None
     if arr.ndim == 0:
         arr = arr.reshape(1)
     if arr.ndim != 1:

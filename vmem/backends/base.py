@@ -32,6 +32,18 @@ def _i64(arr: np.ndarray):
     return ffi.from_buffer("int64_t[]", arr) if arr.size else ffi.NULL
 
 
+_INT64_MAX = 2**63 - 1
+_UINT64_MAX = 2**64 - 1
+
+
+def _int_arg(value, name: str, op: str, lo: int = 0, hi: int = _INT64_MAX) -> int:
+    """``int(value)`` checked against ``[lo, hi]`` (the C type's range), so cffi never raises OverflowError."""
+    value = int(value)
+    if not lo <= value <= hi:
+        raise VmemInvalidArgument("%s: %s=%d is out of range [%d, %d]" % (op, name, value, lo, hi), op=op)
+    return value
+
+
 class Backend:
     """One kind of virtual memory: ``"host"`` (memfd + mmap) or ``"cuda"`` (driver VMM API).
 
@@ -79,11 +91,12 @@ class Backend:
 
     def set_map_budget(self, num_mappings: int) -> None:
         """Cap the mapping budget; the one derived from vm.max_map_count still applies when lower."""
-        check(lib.vmem_backend_set_map_budget(self._h, int(num_mappings)), "set_map_budget",
+        num_mappings = _int_arg(num_mappings, "num_mappings", "set_map_budget", lo=-1)  # < 0: C says INVALID
+        check(lib.vmem_backend_set_map_budget(self._h, num_mappings), "set_map_budget",
               num_mappings=num_mappings)
 
     def check_page_bytes(self, page_bytes: int) -> None:
-        if page_bytes <= 0 or page_bytes % self.granularity_bytes:
+        if page_bytes <= 0 or page_bytes > _UINT64_MAX or page_bytes % self.granularity_bytes:
             raise VmemInvalidArgument(
                 "page_bytes=%d must be a positive multiple of the %s granularity %d"
                 % (page_bytes, self.name, self.granularity_bytes), op="page_bytes")
@@ -115,7 +128,8 @@ class PagePool:
 
     def __init__(self, backend: Backend, page_bytes: int, num_pages: int, max_pages: Optional[int]):
         backend.check_page_bytes(page_bytes)
-        if num_pages < 0 or (max_pages is not None and max_pages < num_pages):
+        if (num_pages < 0 or num_pages > _INT64_MAX
+                or (max_pages is not None and not num_pages <= max_pages <= _INT64_MAX)):
             raise VmemInvalidArgument("num_pages=%d, max_pages=%r: need 0 <= num_pages <= max_pages"
                                       % (num_pages, max_pages), op="create_pool")
         out = ffi.new("vmem_pool_t **")
@@ -159,7 +173,7 @@ class PagePool:
     def grow(self, num_pages: int) -> None:
         """Add ``num_pages`` page ids at the end."""
         err = _new_err()
-        rc = lib.vmem_pool_grow(self._handle("grow"), int(num_pages), err)
+        rc = lib.vmem_pool_grow(self._handle("grow"), _int_arg(num_pages, "num_pages", "grow", lo=-1), err)
         check_err(rc, "grow", err, num_pages=num_pages, max_pages=self.max_pages, needed_pages=num_pages)
 
     def trim(self, phys_pages) -> None:
@@ -210,6 +224,7 @@ class Reservation:
 
     def __init__(self, backend: Backend, num_bytes: int, page_bytes: int):
         backend.check_page_bytes(page_bytes)
+        _int_arg(num_bytes, "num_bytes", "reserve", lo=1, hi=_UINT64_MAX)
         out = ffi.new("vmem_resv_t **")
         err = _new_err()
         rc = lib.vmem_reserve(backend._h, num_bytes, page_bytes, out, err)
@@ -258,7 +273,11 @@ class Reservation:
 
         ``with_pool=True`` also returns the pool id of each page (int32 ``[num]``, -1 = unmapped).
         """
-        num = self.num_pages - first if num is None else num
+        first = int(first)
+        num = self.num_pages - first if num is None else int(num)
+        if not (0 <= first and 0 <= num and first + num <= self.num_pages):
+            raise VmemInvalidArgument("mapping(first=%d, num=%d): outside the reservation's %d pages"
+                                      % (first, num, self.num_pages), op="mapping")
         phys = np.empty(num, dtype=np.int64)
         pools = np.empty(num, dtype=np.int32) if with_pool else None
         rc = lib.vmem_resv_read_table(self._handle("mapping"), first, num, _i64(phys),
