@@ -1,4 +1,6 @@
 """The native async mapper: tickets, ordering, failures rolled back in the worker, close."""
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -92,3 +94,28 @@ def test_a_ticket_is_waited_once(host_backend, host_resv, host_pool):
         m.wait(t)
         with pytest.raises(VmemInvalidArgument, match="already waited"):
             m.wait(t)
+
+
+def test_pool_closed_while_a_job_maps_gives_closed_not_a_driver_error(host_backend):
+    """PagePool.close() promises queued jobs are safe: a job already past its checks used to mmap the
+    memfd after close() had closed it (EBADF: VmemDriverError, or another file had the fd number)."""
+    pb = 4096
+    outcomes = set()
+    for i in range(30):
+        r = host_backend.reserve(8192 * pb, pb)
+        p = host_backend.create_pool(pb, 4096)
+        with host_backend.async_mapper() as m:
+            virt = np.arange(0, 8192, 2)          # 4096 runs: one mmap each, a long window
+            ticket = m.submit(r, virt, p, np.arange(4096))
+            time.sleep(0.0002 * (i % 10))         # close before, while and after the job runs
+            p.close()
+            try:
+                m.wait(ticket)
+                outcomes.add("ok")
+            except VmemClosedError:
+                outcomes.add("closed")
+                assert r.mapped_pages == 0     # rolled back
+        mapped = r.mapping()
+        assert (mapped >= 0).sum() == r.mapped_pages
+        r.close()
+    assert outcomes <= {"ok", "closed"}, outcomes

@@ -358,18 +358,20 @@ static int cuda_map_run(vmem_resv_t *r, int64_t virt, vmem_pool_t *p, const int6
     CUresult res = CUDA_SUCCESS;
     int rc = VMEM_OK;
     if (!h) return _vmem_fail(err, VMEM_ERR_OOM, VMEM_DETAIL_NONE, -1);
-    pthread_mutex_lock(&p->lock);  /* handles may move under grow; trimmed pages get a new handle */
+    /* p->lock until every page is mapped: handles may move under grow, trimmed pages get a new handle,
+     * and vmem_pool_close on another thread must not cuMemRelease a handle before cuMemMap took it */
+    pthread_mutex_lock(&p->lock);
     if (p->closed || !p->priv) rc = _vmem_fail(err, VMEM_ERR_CLOSED, VMEM_DETAIL_NONE, -1);
     for (i = 0; rc == VMEM_OK && i < n; i++) {
         if (!p->backed[phys[i]]) rc = create_handles(p, phys[i], phys[i] + 1, err);
         h[i] = handles(p)[phys[i]];
     }
-    pthread_mutex_unlock(&p->lock);
     if (rc == VMEM_OK && (res = cu_enter(r->b)) != CUDA_SUCCESS) rc = cu_fail(err, res);
     for (; rc == VMEM_OK && done < n; done++) {
         res = cu.cuMemMap(base + (uint64_t)done * r->page_bytes, (size_t)r->page_bytes, 0, h[done], 0);
         if (res != CUDA_SUCCESS) rc = cu_fail(err, res);
     }
+    pthread_mutex_unlock(&p->lock);
     if (rc != VMEM_OK) done--;  /* the failed page is not mapped */
     if (rc == VMEM_OK) {
         res = cu.cuMemSetAccess(base, (size_t)((uint64_t)n * r->page_bytes), &pv->access, 1);

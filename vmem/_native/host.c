@@ -248,18 +248,27 @@ static int64_t host_pool_resident(vmem_pool_t *p)
     return (int64_t)st.st_blocks * 512;
 }
 
-/* pre: r->lock held; phys[0..n) contiguous; pages pinned in p. */
+/* pre: r->lock held, p->lock not; phys[0..n) contiguous; pages pinned in p. p->lock is held across the
+ * mmap: vmem_pool_close on another thread (an async job runs while its pool closes) must not close the
+ * memfd between our read of p->fd and the mmap (EBADF, or a file that reused the number). */
 static int host_map_run(vmem_resv_t *r, int64_t virt, vmem_pool_t *p, const int64_t *phys, int64_t n,
                         vmem_err_t *err)
 {
     void *addr = (void *)(uintptr_t)(r->addr + (uint64_t)virt * r->page_bytes);
     size_t len = (size_t)((uint64_t)n * r->page_bytes);
+    pthread_mutex_lock(&p->lock);
+    if (p->closed || p->fd < 0) {
+        pthread_mutex_unlock(&p->lock);
+        return _vmem_fail(err, VMEM_ERR_CLOSED, VMEM_DETAIL_NONE, -1);
+    }
     if (mmap(addr, len, MAP_PROT, MAP_FLAGS, p->fd, (off_t)((uint64_t)phys[0] * p->page_bytes)) == MAP_FAILED) {
         int e = errno;
+        pthread_mutex_unlock(&p->lock);
         /* a failed MAP_FIXED may have removed the old mapping: put the reservation back */
         mmap(addr, len, RESV_PROT, RESV_FLAGS | MAP_FIXED, -1, 0);
         return os_fail(err, e == ENOMEM ? VMEM_ERR_MAP_LIMIT : VMEM_ERR_DRIVER, e);
     }
+    pthread_mutex_unlock(&p->lock);
     if (r->b->thp_advise && r->page_bytes % HUGE_2M == 0 && !p->hugetlb) madvise(addr, len, MADV_HUGEPAGE);
     return VMEM_OK;
 }

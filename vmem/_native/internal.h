@@ -32,7 +32,8 @@ typedef struct vmem_ops {
     void (*pool_close)(vmem_pool_t *p);
     int64_t (*pool_resident)(vmem_pool_t *p);
     /* map n virtually consecutive pages starting at virt onto phys[0..n) (contiguous if coalesce_phys);
-     * called with r->lock held, pool pages pinned. On failure nothing of this run stays mapped. */
+     * called with r->lock held and p->lock not (map_run takes it: the pool may close meanwhile), pool pages
+     * pinned. On failure nothing of this run stays mapped. */
     int (*map_run)(vmem_resv_t *r, int64_t virt, vmem_pool_t *p, const int64_t *phys, int64_t n,
                    vmem_err_t *err);
     int (*unmap_run)(vmem_resv_t *r, int64_t virt, int64_t n, vmem_err_t *err);
