@@ -167,6 +167,8 @@ def test_tokenizer_roundtrip_and_specials():
         tok.decode([300])
     with pytest.raises(VmemInvalidArgument):
         tok.encode(b"bytes")
+    with pytest.raises(VmemInvalidArgument, match="UTF-8"):      # a lone surrogate (valid JSON, not UTF-8)
+        tok.encode("a\ud800b")
 
 
 def test_chat_template():

@@ -515,6 +515,9 @@ BAD_REQUESTS = [
     ("token id out of vocab", "/v1/completions", {"model": MODEL, "prompt": [1, 10 ** 6]}, 400, "vocabulary"),
     ("temperature range", "/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 9.0}, 400, "temperature"),
     ("batched prompts", "/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "one prompt"),
+    ("lone surrogate in prompt", "/v1/completions", b'{"model": "tiny", "prompt": "a\\ud800b"}', 400, "UTF-8"),
+    ("lone surrogate in chat", "/v1/chat/completions",
+     b'{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}]}', 400, "UTF-8"),
     ("seed too large", "/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 1.0, "seed": 2 ** 64},
      400, "seed"),
 ]

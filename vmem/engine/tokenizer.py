@@ -25,7 +25,10 @@ class ByteTokenizer:
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise VmemInvalidArgument("encode takes a str, got %s" % type(text).__name__, op="tokenize")
-        ids = list(text.encode("utf-8"))
+        try:
+            ids = list(text.encode("utf-8"))
+        except UnicodeEncodeError as exc:    # a lone surrogate: valid in JSON and str, not in UTF-8
+            raise VmemInvalidArgument("text is not valid UTF-8: %s" % exc, op="tokenize") from None
         return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
