@@ -75,3 +75,20 @@ def test_request_past_the_models_max_position_is_refused_at_add_request():
         assert len(toks) == 4 and last.finish_reason == "length"
     finally:
         engine.close()
+
+
+def test_near_zero_temperature_and_top_p_sample_the_top_token():
+    # temperature 1e-320 overflows logits / T to inf and top_p 1e-320 rounds to 0 in float32: both used to
+    # raise in the step (failing every request in flight); they mean "the most likely token", as greedy.
+    engine = build_engine("tiny", "vmem", max_batch=4, max_seq_len=64)
+    try:
+        prompt = engine.tokenizer.encode("tiny knobs")
+        engine.add_request(Request("greedy", prompt, SamplingParams(max_tokens=6, ignore_eos=True)))
+        greedy, _ = collect(engine, "greedy")
+        for rid, params in (("t", dict(temperature=1e-320)), ("p", dict(temperature=1.0, top_p=1e-320)),
+                            ("both", dict(temperature=1e-9, top_p=1e-9))):
+            engine.add_request(Request(rid, prompt, SamplingParams(max_tokens=6, ignore_eos=True, seed=1, **params)))
+            got, last = collect(engine, rid)
+            assert got == greedy and last.finish_reason == "length", rid
+    finally:
+        engine.close()

@@ -30,11 +30,14 @@ from vmem.errors import VmemInvalidArgument, VmemOutOfMemory
 
 logger = logging.getLogger(__name__)
 
+# Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): logits / T would overflow to inf.
+SAMPLING_EPS = 1e-5
+
 
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 0.0          # 0 = greedy
+    temperature: float = 0.0          # below SAMPLING_EPS (e.g. 0) = greedy
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] | None = None
@@ -249,7 +252,8 @@ class Engine:
     def _sample_all(self, seqs: list[Sequence], last_logits: list[torch.Tensor | None]) -> list[int | None]:
         """One token per sequence that has logits; all greedy ones in a single argmax."""
         tokens: list[int | None] = [None] * len(seqs)
-        greedy = [i for i, lg in enumerate(last_logits) if lg is not None and seqs[i].request.params.temperature == 0]
+        greedy = [i for i, lg in enumerate(last_logits)
+                  if lg is not None and seqs[i].request.params.temperature < SAMPLING_EPS]
         if greedy:
             picked = torch.stack([last_logits[i] for i in greedy]).argmax(dim=-1).tolist()
             for i, token in zip(greedy, picked):
@@ -262,12 +266,13 @@ class Engine:
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
         p = seq.request.params
         logits = logits.float().cpu()
-        if p.temperature == 0:
+        if p.temperature < SAMPLING_EPS:
             return int(torch.argmax(logits))
         probs = torch.softmax(logits / p.temperature, dim=-1)
         if p.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)
-            keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < p.top_p   # always keeps the top token
+            keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < p.top_p
+            keep[0] = True                     # the top token, even when top_p rounds to 0 in float32
             probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
         return int(torch.multinomial(probs, 1, generator=seq.generator))
 
