@@ -119,3 +119,37 @@ def test_pool_closed_while_a_job_maps_gives_closed_not_a_driver_error(host_backe
         assert (mapped >= 0).sum() == r.mapped_pages
         r.close()
     assert outcomes <= {"ok", "closed"}, outcomes
+
+
+def test_close_while_another_thread_waits_does_not_crash():
+    """close() freed the native worker under a thread blocked in wait() (double free, abort). Run in a
+    subprocess: the bug kills the interpreter."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import threading, time
+        import numpy as np
+        from vmem.backends import get_backend
+        from vmem.errors import VmemClosedError
+        b = get_backend("host")
+        for i in range(40):
+            r = b.reserve(8192 * 4096, 4096); p = b.create_pool(4096, 4096)
+            m = b.async_mapper()
+            t = m.submit(r, np.arange(0, 8192, 2), p, np.arange(4096))
+            out = []
+            th = threading.Thread(target=lambda: out.append(m.wait(t)))
+            th.start()
+            time.sleep(0.0005 * (i % 4))
+            m.close()
+            th.join()
+            try:
+                m.wait(t)
+            except VmemClosedError:
+                pass
+            r.close(); p.close()
+        print("done")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-2000:]

@@ -22,12 +22,23 @@ class AsyncMapper:
         self._h = out[0]
         self.backend = backend
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when the last native call in flight ends
+        self._users = 0   # native calls in flight on other threads: close() waits for them (it frees the worker)
         self._jobs = {}  # ticket -> (op, reservation, pool, num_pages): keeps them alive until waited
 
-    def _handle(self, op):
-        if self._h is None:
-            raise VmemClosedError("%s: async mapper is closed" % op, op=op)
-        return self._h
+    def _enter(self, op):
+        """The native handle, counted as in use until ``_leave()``; VmemClosedError after close()."""
+        with self._lock:
+            if self._h is None:
+                raise VmemClosedError("%s: async mapper is closed" % op, op=op)
+            self._users += 1
+            return self._h
+
+    def _leave(self):
+        with self._lock:
+            self._users -= 1
+            if not self._users:
+                self._idle.notify_all()
 
     def submit(self, reservation, virt_pages, pool, phys_pages) -> int:
         """Queue ``reservation.map(virt_pages, pool, phys_pages)``; returns a ticket at once."""
@@ -36,8 +47,12 @@ class AsyncMapper:
         if virt.size != phys.size:
             check(INVALID, "submit", num_virt=virt.size, num_phys=phys.size)
         ticket = ffi.new("uint64_t *")
-        rc = lib.vmem_worker_submit_map(self._handle("submit"), reservation._handle("submit"),
-                                        pool._handle("submit"), _i64(virt), _i64(phys), virt.size, ticket)
+        resv_h, pool_h = reservation._handle("submit"), pool._handle("submit")
+        h = self._enter("submit")
+        try:
+            rc = lib.vmem_worker_submit_map(h, resv_h, pool_h, _i64(virt), _i64(phys), virt.size, ticket)
+        finally:
+            self._leave()
         check(rc, "submit", num_pages=virt.size)
         with self._lock:
             self._jobs[int(ticket[0])] = ("map", reservation, pool, virt.size)
@@ -47,8 +62,12 @@ class AsyncMapper:
         """Queue ``reservation.unmap(virt_pages)``; returns a ticket at once."""
         virt = as_pages(virt_pages, "virt_pages")
         ticket = ffi.new("uint64_t *")
-        rc = lib.vmem_worker_submit_unmap(self._handle("submit_unmap"), reservation._handle("submit_unmap"),
-                                          _i64(virt), virt.size, ticket)
+        resv_h = reservation._handle("submit_unmap")
+        h = self._enter("submit_unmap")
+        try:
+            rc = lib.vmem_worker_submit_unmap(h, resv_h, _i64(virt), virt.size, ticket)
+        finally:
+            self._leave()
         check(rc, "submit_unmap", num_pages=virt.size)
         with self._lock:
             self._jobs[int(ticket[0])] = ("unmap", reservation, None, virt.size)
@@ -56,32 +75,50 @@ class AsyncMapper:
 
     def done(self, ticket: int) -> bool:
         """True when ``wait(ticket)`` would not block."""
-        return lib.vmem_worker_poll(self._handle("done"), ticket) == 1
+        h = self._enter("done")
+        try:
+            return lib.vmem_worker_poll(h, ticket) == 1
+        finally:
+            self._leave()
 
     def wait(self, ticket: int) -> None:
         """Block until the job ran; raise like Reservation.map/unmap if it failed (it was rolled back)."""
-        h = self._handle("wait")
-        with self._lock:  # claim the ticket first: the native wait frees the job, so only one may wait
-            job = self._jobs.pop(ticket, None)
-        if job is None:
-            raise VmemInvalidArgument("wait(%r): unknown ticket, or already waited" % (ticket,), op="wait")
-        op, _resv, _pool, n = job
-        err = ffi.new("vmem_err_t *")
-        rc = lib.vmem_worker_wait(h, ticket, err)
+        h = self._enter("wait")
+        try:
+            with self._lock:  # claim the ticket first: the native wait frees the job, so only one may wait
+                job = self._jobs.pop(ticket, None)
+            if job is None:
+                raise VmemInvalidArgument("wait(%r): unknown ticket, or already waited" % (ticket,), op="wait")
+            op, _resv, _pool, n = job
+            err = ffi.new("vmem_err_t *")
+            rc = lib.vmem_worker_wait(h, ticket, err)
+        finally:
+            self._leave()
         if rc:
             check_err(rc, op, err, num_pages=n, ticket=ticket, needed_pages=n)
 
     @property
     def pending(self) -> int:
         """Jobs queued or running."""
-        return int(lib.vmem_worker_pending(self._handle("pending")))
+        h = self._enter("pending")
+        try:
+            return int(lib.vmem_worker_pending(h))
+        finally:
+            self._leave()
 
     def close(self) -> None:
-        """Let queued jobs run, then join the thread. Unwaited tickets are dropped."""
-        if self._h is not None:
+        """Let queued jobs run, then join the thread. Unwaited tickets are dropped.
+
+        Safe while another thread waits: that wait returns first (the native close frees the worker).
+        """
+        with self._lock:
+            if self._h is None:
+                return
             h, self._h = self._h, None
-            lib.vmem_worker_close(h)
-            self._jobs.clear()
+            while self._users:
+                self._idle.wait()
+        lib.vmem_worker_close(h)
+        self._jobs.clear()
 
     def __enter__(self):
         return self
