@@ -75,3 +75,13 @@ def test_placement_uses_every_free_page_when_fragmented():
     assert sorted(got.tolist()) == [1, 3, 5, 7, 9, 11]
     assert got[0] == 1                                # row 0 continued after its page 0
     assert not free.any()
+
+
+def test_rows_ending_on_the_same_page_do_not_both_continue_onto_its_neighbour():
+    """Two rows sharing their last pool page (a shared prefix): only one may extend in place."""
+    free = np.ones(16, dtype=bool)
+    free[:3] = False
+    chosen = place_pages(free, np.array([2, 2]), np.array([2, 2]))
+    assert len(set(chosen.tolist())) == 4
+    assert chosen[:2].tolist() == [3, 4]
+    assert not free[chosen].any()

@@ -348,6 +348,27 @@ def test_shared_prefix_maps_the_same_pages():
         c.check_integrity()
 
 
+def test_slots_sharing_their_last_page_grow_into_different_pages():
+    """Both rows ended on the same (shared) pool page, so both 'continued in place' onto the same next
+    page: two live requests wrote one physical page."""
+    spec = small_spec()                              # 16 tokens per page
+    with cache(spec, pages=64) as c:
+        src = c.alloc_slot()
+        c.step({src: 64})
+        dst = c.alloc_slot()
+        assert c.share_prefix(src, dst, 64) == 64   # src's last page is shared too
+        c.step({src: 80, dst: 80})
+        c.check_integrity()
+        fill(c, src, 80, seed=1)
+        want = checksum(c, src, 80)
+        fill(c, dst, 80, seed=2)                    # rewrites the shared [0, 64) and dst's own [64, 80)
+        fill(c, src, 80, seed=1)
+        assert checksum(c, src, 80) == want
+        for layer in range(spec.num_layers):
+            for t in c.kv(layer):
+                assert not torch.equal(t[src, 64:80], t[dst, 64:80])
+
+
 def test_shared_prefix_bad_input():
     with cache() as c:
         a, b = c.alloc_slot(), c.alloc_slot()

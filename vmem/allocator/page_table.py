@@ -138,7 +138,17 @@ def place_pages(free: np.ndarray, lasts: np.ndarray, counts: np.ndarray) -> np.n
     width = int(counts.max())
     steps = np.arange(width, dtype=np.int64)[None, :]
     wanted = lasts[:, None] + 1 + steps
-    ok = (lasts[:, None] >= 0) & (steps < counts[:, None]) & (wanted < capacity)
+    # Rows extend in place only from distinct last pages: rows ending on one shared page (a shared
+    # prefix) would otherwise both take its neighbour. Distinct lasts give disjoint extensions (a row's
+    # own last page is mapped, so a lower row's extension stops before it).
+    extendable = lasts >= 0
+    if num_rows > 1:
+        order = np.argsort(lasts, kind="stable")      # rows arrive nearly sorted: cheap
+        ordered = lasts[order]
+        repeat = (ordered[1:] == ordered[:-1]) & (ordered[1:] >= 0)
+        if repeat.any():
+            extendable[order[1:][repeat]] = False
+    ok = extendable[:, None] & (steps < counts[:, None]) & (wanted < capacity)
     ok &= free[np.minimum(wanted, capacity - 1)]
     extended = np.cumprod(ok, axis=1, dtype=np.int8).sum(axis=1, dtype=np.int64)
     taken_mask = steps < extended[:, None]
