@@ -223,6 +223,31 @@ def test_native_failure_mid_step_rolls_back(nth):
         c.check_integrity()
 
 
+def test_failed_step_gives_back_the_inherited_columns_it_reclaimed():
+    """A failed step mapped a live slot's reclaimed tail back but left it marked as not inherited, so the
+    next growth into it was not counted as reuse (state changed by a step that raised)."""
+    spec = small_spec()                              # 16 tokens per page
+    rows = spec.rows_per_slot
+    with cache(spec, pages=spec.pages_for_tokens(128) + rows) as c:
+        a = c.alloc_slot()
+        c.step({a: 128})
+        c.free_slot(a)
+        assert c.alloc_slot(num_tokens=128) == a     # finds its 8 columns still mapped
+        c.step({a: 16})                               # 7 tail columns are reclaimable
+        b = c.alloc_slot()
+        before = snapshot(c), dict(c.counters)
+        c.reservation.inject_fault(rows + 1)          # ops 1..rows unmap a's tail (a run per row), a map fails
+        try:
+            with pytest.raises(VmemDriverError):
+                c.step({b: 64})
+        finally:
+            c.reservation.inject_fault(0)
+        assert snapshot(c) == before[0]
+        c.check_integrity()
+        c.step({a: 128})                              # no map call: every column is a's own again
+        assert c.counters["reused_pages"] == spec.pages_for_tokens(128)
+
+
 def test_failed_map_leaves_no_memory_behind():
     """Runs mapped (and populated) before the failing one are rolled back and their memory trimmed."""
     with cache(pages=12) as c:

@@ -348,7 +348,7 @@ class VirtualKVCache(SlotCache):
 
     def _reclaim_for(self, shortfall_pages: int, protected: np.ndarray) -> None:
         keep = self._plan_reclaim(shortfall_pages, protected)
-        before = {s: int(self._columns[s]) for s in keep}
+        before = {s: (int(self._columns[s]), int(self._inherited[s])) for s in keep}
         virt, phys = self._shrink(keep, trim=False)
         self._counters["reclaimed_pages"] += int(virt.size)
         self._reclaimed = (before, virt, phys)
@@ -372,8 +372,13 @@ class VirtualKVCache(SlotCache):
             self._trim(np.unique(phys))
             return
         self._table.set(virt, phys)
-        for s, cols in before.items():
+        self._restore_columns(before)
+
+    def _restore_columns(self, before: dict[int, tuple[int, int]]) -> None:
+        """Undo a reclaim: slot -> (columns, inherited columns) as they were before it."""
+        for s, (cols, inherited) in before.items():
             self._columns[s] = cols
+            self._inherited[s] = inherited
 
     # ---- prefix sharing ---------------------------------------------------------------------
     def share_prefix(self, src_slot: int, dst_slot: int, num_tokens: int) -> int:
@@ -464,8 +469,8 @@ class VirtualKVCache(SlotCache):
             if self.device.type == "cuda" or needed > free + self._reclaimable_pages(protected):
                 return
             keep = self._plan_reclaim(needed - free, protected)
-            before = {s: int(self._columns[s]) for s in keep}
-            rvirt = np.concatenate([self.spec.slot_virtual_pages(s, k, before[s]).reshape(-1)
+            before = {s: (int(self._columns[s]), int(self._inherited[s])) for s in keep}
+            rvirt = np.concatenate([self.spec.slot_virtual_pages(s, k, before[s][0]).reshape(-1)
                                     for s, k in keep.items()])
             rphys = self._table.phys[rvirt].astype(np.int64)
             uticket = self._mapper.submit_unmap(self._reservation, rvirt)
@@ -522,15 +527,13 @@ class VirtualKVCache(SlotCache):
                 logger.warning("could not undo a prefetch after its unmap failed (%s)", exc)
                 if unmap_error is not None:
                     self._table.set(reclaim[2], reclaim[3])
-                    for s, cols in reclaim[1].items():
-                        self._columns[s] = cols
+                    self._restore_columns(reclaim[1])
                 return
         self._table.clear(virt)
         self._columns[g_slots] = g_from
         if unmap_error is not None:
             self._table.set(reclaim[2], reclaim[3])
-            for s, cols in reclaim[1].items():
-                self._columns[s] = cols
+            self._restore_columns(reclaim[1])
         self._trim(np.flatnonzero((self._table.refcount == 0) & self._table.resident))
 
     # ---- statistics and checks --------------------------------------------------------------
