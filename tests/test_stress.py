@@ -45,3 +45,9 @@ def test_python_dash_m_entry_point():
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["ok"] is True
+
+
+def test_a_configuration_vmem_refuses_is_a_message_not_a_traceback(capsys):
+    assert stress.main(["--max-seq-len", "0", "--seconds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "vmem stress:" in err and "max_seq_len" in err and "Traceback" not in err

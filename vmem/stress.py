@@ -6,7 +6,8 @@ Randomised traffic on a VirtualKVCache: requests arrive (alloc + prefill), decod
 writes its tag at the tokens it grows into; the harness checks that every live request still reads
 its tags back and that check_integrity() holds (page table, backend table, mapping count, OS-backed
 bytes). It reports operations per second, failures survived and anything lost (must be nothing).
-Exit status: 0 when nothing was lost and every integrity check passed, 1 otherwise.
+Exit status: 0 when nothing was lost and every integrity check passed, 1 otherwise, 2 for a configuration
+vmem refuses (bad spec, memory budget or backend).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from vmem.allocator import KVCacheSpec, VirtualKVCache
-from vmem.errors import VmemDriverError, VmemIntegrityError, VmemMapLimitError, VmemOutOfMemory
+from vmem.errors import VmemDriverError, VmemError, VmemIntegrityError, VmemMapLimitError, VmemOutOfMemory
 
 PROBES_PER_SLOT = 32
 
@@ -222,7 +223,12 @@ class Stress:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    report = Stress(args).run()
+    try:
+        harness = Stress(args)
+    except VmemError as exc:          # a spec, memory budget or backend this machine refuses
+        print("vmem stress: %s" % exc, file=sys.stderr)
+        return 2
+    report = harness.run()
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
