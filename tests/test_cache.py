@@ -469,6 +469,22 @@ def test_bad_input_raises_typed_errors_and_changes_nothing():
             call()
 
 
+def test_close_on_cuda_waits_for_kernels_before_unmapping(monkeypatch):
+    """close() released the reservation (cuMemUnmap of every page) without the device synchronisation
+    every other unmap does first, so a kernel still reading the cache could fault."""
+    events = []
+    with cache() as c:
+        a = c.alloc_slot()
+        c.step({a: 40})
+        c.device = torch.device("cuda", 0)            # pretend: the host backend does the mapping
+        monkeypatch.setattr(torch.cuda, "synchronize",
+                            lambda device=None: events.append(("sync", c.reservation.closed)))
+        real_close = c.reservation.close
+        monkeypatch.setattr(c.reservation, "close", lambda: (events.append(("close", None)), real_close()))
+        c.close()
+    assert events and events[0] == ("sync", False) and ("close", None) in events
+
+
 def test_bad_construction_arguments():
     with pytest.raises(VmemInvalidArgument):
         cache(reclaim="lazy")

@@ -616,9 +616,13 @@ class VirtualKVCache(SlotCache):
             self._closed = True
             if self._mapper is not None:
                 self._mapper.close()
-            self._planes = []
-            self._reservation.close()
-            self._pool.close()
+            try:
+                if self.device.type == "cuda":    # releasing unmaps every page: no kernel may still read one
+                    torch.cuda.synchronize(self.device)
+            finally:
+                self._planes = []
+                self._reservation.close()
+                self._pool.close()
 
 
 def _open_backend(backend, device):
