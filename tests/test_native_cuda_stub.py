@@ -40,7 +40,7 @@ static int fds[MAXH + 1];            /* handle -> memfd (0: free) */
 static size_t sizes[MAXH + 1];
 static long long cap_bytes = -1, used_bytes;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
-long long stub_setaccess_calls, stub_map_calls, stub_mapped_pages;
+long long stub_setaccess_calls, stub_map_calls, stub_mapped_pages, stub_sync_calls, stub_unmaps_before_sync;
 
 #define NEED_CTX if (!ctx_current) return 201
 
@@ -51,6 +51,7 @@ CUresult cuDeviceGetAttribute(int *v, int a, int d) { *v = a == 102; return 0; }
 CUresult cuDevicePrimaryCtxRetain(void **c, int d) { *c = (void *)0x1; return 0; }
 CUresult cuDevicePrimaryCtxRelease_v2(int d) { return 0; }
 CUresult cuCtxSetCurrent(void *c) { ctx_current = c != 0; return 0; }
+CUresult cuCtxSynchronize(void) { NEED_CTX; __atomic_add_fetch(&stub_sync_calls, 1, __ATOMIC_RELAXED); return 0; }
 CUresult cuGetErrorString(CUresult r, const char **s) { *s = "stub"; return 0; }
 CUresult cuMemGetAllocationGranularity(size_t *g, const Prop *p, int o) {
     NEED_CTX; if (p->type != 1 || p->location.type != 1 || p->w) return 1; *g = GRAN; return 0; }
@@ -99,6 +100,7 @@ CUresult cuMemUnmap(CUdeviceptr p, size_t n) {
         if (w != 1) return 1;
     }
     mmap((void *)p, n, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+    if (!stub_sync_calls) __atomic_add_fetch(&stub_unmaps_before_sync, 1, __ATOMIC_RELAXED);
     return 0; }
 """
 
@@ -162,8 +164,12 @@ CHILD = textwrap.dedent("""
     r.map([50], p, [12])
     assert p.resident_bytes() == 15 * pb
 
-    # release unmaps what is mapped before freeing the range (the stub refuses otherwise)
+    # release unmaps what is mapped before freeing the range (the stub refuses otherwise), once the
+    # context's queued work is done (a kernel may still read the pages a dead view pointed at)
+    assert calls("stub_sync_calls") == 0
+    unmaps = calls("stub_unmaps_before_sync")
     r.close()
+    assert calls("stub_sync_calls") == 1 and calls("stub_unmaps_before_sync") == unmaps
     p.close()
 
     # out of memory at pool creation is a MemoryError, and nothing is leaked

@@ -6,7 +6,8 @@
  * CUDA (the cuda backend then reports VMEM_ERR_UNSUPPORTED and "auto" falls back to the host).
  *
  * Approach.
- *   - reservation = cuMemAddressReserve;              release = cuMemUnmap of mapped runs + cuMemAddressFree;
+ *   - reservation = cuMemAddressReserve;              release = cuCtxSynchronize (when pages are mapped),
+ *                   cuMemUnmap of mapped runs, cuMemAddressFree;
  *   - pool        = one cuMemCreate handle per physical page, created up front (pooled: creating costs
  *                   ~130x a map), released on trim / close;
  *   - map         = cuMemMap per page, then ONE cuMemSetAccess per virtually contiguous run;
@@ -22,7 +23,8 @@
  * pages whatever their physical pages, because each page is its own handle.
  *
  * Limitations. Unmapping memory a running kernel may read is the caller's business: wait on an event
- * first, or keep pages mapped and recycle them (deferred reclamation). resident_bytes counts the handles
+ * first, or keep pages mapped and recycle them (deferred reclamation). Release is the exception: it runs
+ * when the last tensor view dies, with no caller to wait, so it synchronises the context itself. resident_bytes counts the handles
  * this pool holds, not what the driver reports device-wide. No mapping budget (the driver has none we
  * can read); num_mappings counts mapped runs. Only tested on a GPU through tests/gpu and
  * bench/gpu_check.sh.
@@ -89,6 +91,7 @@ static struct {
     CUresult (*cuDevicePrimaryCtxRetain)(CUcontext *, CUdevice);
     CUresult (*cuDevicePrimaryCtxRelease)(CUdevice);
     CUresult (*cuCtxSetCurrent)(CUcontext);
+    CUresult (*cuCtxSynchronize)(void);
     CUresult (*cuMemAddressReserve)(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long);
     CUresult (*cuMemAddressFree)(CUdeviceptr, size_t);
     CUresult (*cuMemCreate)(CUmemGenericAllocationHandle *, size_t, const CUmemAllocationProp *,
@@ -129,6 +132,7 @@ static void cu_load(void)
     cu.cuDevicePrimaryCtxRetain = sym("cuDevicePrimaryCtxRetain", NULL);
     cu.cuDevicePrimaryCtxRelease = sym("cuDevicePrimaryCtxRelease", "cuDevicePrimaryCtxRelease_v2");
     cu.cuCtxSetCurrent = sym("cuCtxSetCurrent", NULL);
+    cu.cuCtxSynchronize = sym("cuCtxSynchronize", NULL);
     cu.cuMemAddressReserve = sym("cuMemAddressReserve", NULL);
     cu.cuMemAddressFree = sym("cuMemAddressFree", NULL);
     cu.cuMemCreate = sym("cuMemCreate", NULL);
@@ -140,6 +144,7 @@ static void cu_load(void)
     cu.cuGetErrorString = sym("cuGetErrorString", NULL);
     cu.loaded = cu.cuInit && cu.cuDeviceGet && cu.cuDeviceGetCount && cu.cuDeviceGetAttribute &&
                 cu.cuDevicePrimaryCtxRetain && cu.cuDevicePrimaryCtxRelease && cu.cuCtxSetCurrent &&
+                cu.cuCtxSynchronize &&
                 cu.cuMemAddressReserve && cu.cuMemAddressFree && cu.cuMemCreate && cu.cuMemRelease &&
                 cu.cuMemMap && cu.cuMemUnmap && cu.cuMemSetAccess && cu.cuMemGetAllocationGranularity
                     ? 1 : -1;
@@ -255,11 +260,14 @@ static int cuda_reserve(vmem_backend_t *b, uint64_t num_bytes, uint64_t page_byt
     return VMEM_OK;
 }
 
-/* pre: r->lock held. Unmap every mapped run (the driver refuses to free a range that has mappings). */
+/* pre: r->lock held. Unmap every mapped run (the driver refuses to free a range that has mappings),
+ * after the context's work is done: release runs when the last tensor view goes, which says nothing
+ * about kernels still queued on a stream that read it. */
 static void cuda_release(vmem_resv_t *r)
 {
     int64_t i = 0, j;
     cu_enter(r->b);
+    if (r->mapped_pages) cu.cuCtxSynchronize();
     while (i < r->num_pages) {
         if (!r->table[i]) {
             i++;
