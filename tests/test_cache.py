@@ -485,6 +485,24 @@ def test_close_on_cuda_waits_for_kernels_before_unmapping(monkeypatch):
     assert events and events[0] == ("sync", False) and ("close", None) in events
 
 
+def test_failed_construction_releases_the_reservation_and_the_pool(monkeypatch):
+    """A failure after reserve() and create_pool() (here: no worker thread) left both open until GC."""
+    backend = get_backend("host")
+    made = []
+    for name in ("reserve", "create_pool"):
+        real = getattr(type(backend), name)
+        monkeypatch.setattr(type(backend), name,
+                            lambda self, *a, _real=real, **k: made.append(_real(self, *a, **k)) or made[-1])
+
+    def no_thread(self):
+        raise VmemError("no worker thread")
+
+    monkeypatch.setattr(type(backend), "async_mapper", no_thread)
+    with pytest.raises(VmemError, match="no worker"):
+        cache(async_map=True)
+    assert len(made) == 2 and all(m.closed for m in made)
+
+
 def test_bad_construction_arguments():
     with pytest.raises(VmemInvalidArgument):
         cache(reclaim="lazy")

@@ -98,18 +98,26 @@ class VirtualKVCache(SlotCache):
             logger.info("max_seq_len %d padded to %d tokens so every row starts on a page boundary",
                         spec.max_seq_len, spec.padded_max_seq_len)
         self._reservation = self._backend.reserve(spec.reservation_bytes, spec.page_bytes)
+        self._pool = None
         try:
             self._pool = self._backend.create_pool(spec.page_bytes, pool_pages, max_pages=pool_pages)
+            self._init_state(pool_pages, async_map)
         except BaseException:
+            self._planes = []
+            if self._pool is not None:
+                self._pool.close()
             self._reservation.close()
             raise
+
+    def _init_state(self, pool_pages: int, async_map: bool) -> None:
+        spec = self.spec
         self._planes = [self._reservation.tensor(spec.dtype, spec.plane_shape, offset_bytes=spec.plane_offset_bytes(p))
                         for p in range(spec.num_planes)]
         self._table = PageTable(spec.num_virtual_pages, pool_pages)
         self._columns = np.zeros(spec.max_batch, dtype=np.int64)
         self._inherited = np.zeros(spec.max_batch, dtype=np.int64)   # columns a request found in its slot
         self._shared = np.zeros(spec.max_batch, dtype=np.int64)      # leading columns shared with another slot
-        self._reclaimed = None    # (columns before, virt, phys) taken from slots during the current step
+        self._reclaimed = None    # ({slot: (columns, inherited)} before, virt, phys) taken during the current step
         self._freed_at = np.zeros(spec.max_batch, dtype=np.int64)
         self._clock = 0
         self._mapper = self._backend.async_mapper() if async_map else None
