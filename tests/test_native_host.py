@@ -368,6 +368,8 @@ def test_out_of_range_integers_raise_typed_errors(host_backend, host_resv, host_
         lambda: host_resv.mapping(0, 2**62),
         lambda: host_resv.mapping(2**64, 1),
         lambda: host_backend.set_map_budget(2**64),
+        lambda: host_resv.inject_fault(1, "bogus"),
+        lambda: host_pool.inject_fault(2**64),
     ]
     for call in bad:
         with pytest.raises(VmemInvalidArgument):

@@ -17,6 +17,14 @@ from vmem.errors import (INVALID, VmemClosedError, VmemInvalidArgument, check, c
 _FAULT_CODES = {"oom": 1, "map_limit": 2, "invalid": 3, "driver": 4}
 
 
+def _fault_code(error: str) -> int:
+    code = _FAULT_CODES.get(error)
+    if code is None:
+        raise VmemInvalidArgument("inject_fault: error must be one of %s, got %r" % (sorted(_FAULT_CODES), error),
+                                  op="inject_fault")
+    return code
+
+
 _tls = threading.local()
 
 
@@ -188,7 +196,8 @@ class PagePool:
 
     def inject_fault(self, nth: int, error: str = "driver") -> None:
         """Testing: the ``nth`` (1-based) map op issued on this pool fails with ``error``; 0 disarms."""
-        check(lib.vmem_pool_inject_fault(self._handle("inject_fault"), int(nth), _FAULT_CODES[error]),
+        check(lib.vmem_pool_inject_fault(self._handle("inject_fault"), _int_arg(nth, "nth", "inject_fault", lo=-1),
+                                         _fault_code(error)),
               "inject_fault")
 
     def close(self) -> None:
@@ -312,7 +321,8 @@ class Reservation:
 
     def inject_fault(self, nth: int, error: str = "driver") -> None:
         """Testing: the ``nth`` (1-based) OS map/unmap op of this reservation fails with ``error``."""
-        check(lib.vmem_resv_inject_fault(self._handle("inject_fault"), int(nth), _FAULT_CODES[error]),
+        check(lib.vmem_resv_inject_fault(self._handle("inject_fault"), _int_arg(nth, "nth", "inject_fault", lo=-1),
+                                         _fault_code(error)),
               "inject_fault")
 
     def tensor(self, dtype, shape, offset_bytes: int = 0, strides=None):
