@@ -298,6 +298,23 @@ def test_close_with_live_view_defers_release(host_backend):
     assert host_backend.info()["mappings_used"] == used
 
 
+def test_view_made_while_another_thread_closes_is_refused(host_backend):
+    """tensor() checked 'open' and only then counted the view: a close() in between released the range
+    and the new view pointed at unmapped (or reused) address space. Interleaving forced here."""
+    r = host_backend.reserve(4 * PB, PB)
+    checked = r._handle
+
+    def check_then_lose_the_race(op):
+        h = checked(op)
+        r.close()                                   # another thread's close lands here
+        return h
+
+    r._handle = check_then_lose_the_race
+    with pytest.raises(VmemClosedError):
+        r.tensor(torch.uint8, (PB,))
+    assert r._h is None                             # released: no view was counted
+
+
 def test_failed_merge_at_the_limit_restores_the_count(host_backend):
     """A map that merges runs frees mappings; if it then fails, the count must come back exactly."""
     with host_backend.reserve(16 * 4096, 4096) as r, host_backend.create_pool(4096, 16) as p:

@@ -337,7 +337,9 @@ class Reservation:
 
     # -- lifetime
     def _view_born(self) -> None:
-        with self._lock:
+        with self._lock:   # checked here, not before: a close() on another thread may release meanwhile
+            if self._closing or self._h is None:
+                raise VmemClosedError("tensor: reservation is closed", op="tensor")
             self._live_views += 1
 
     def _view_died(self) -> None:

@@ -16,6 +16,7 @@ class _RangeOwner:
     """Exports ``[address, address + num_bytes)`` as bytes and keeps ``resv`` alive."""
 
     def __init__(self, resv, address: int, num_bytes: int, cuda: bool):
+        resv._view_born()  # first: raises VmemClosedError if a close() won the race, and then __del__ has nothing
         self._resv = resv
         iface = {"shape": (num_bytes,), "typestr": "|u1", "data": (address, False), "version": 3}
         if cuda:
@@ -24,7 +25,6 @@ class _RangeOwner:
             self.__cuda_array_interface__ = iface
         else:
             self.__array_interface__ = iface
-        resv._view_born()
 
     def __del__(self):
         resv = getattr(self, "_resv", None)
