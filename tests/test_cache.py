@@ -306,6 +306,34 @@ def test_failed_prefetch_corrupts_nothing():
         c.check_integrity()
 
 
+@pytest.mark.parametrize("nth", [0, 1])
+def test_prefetch_whose_map_submit_fails_settles_its_queued_unmap(monkeypatch, nth):
+    """prefetch queued the idle slot's unmap, then the map submit raised: the unmap ticket was never
+    waited, and when that unmap failed (nth=1) the page table said unmapped what the backend still held."""
+    spec = small_spec()
+    with cache(spec, pages=spec.pages_for_tokens(128) + spec.pages_for_tokens(32), async_map=True) as c:
+        idle, a = c.alloc_slot(), c.alloc_slot()
+        c.step({idle: 128, a: 32})
+        c.free_slot(idle)
+        before = snapshot(c)
+
+        def no_memory(*args, **kwargs):
+            raise VmemOutOfMemory("submit: no memory for the job", op="submit")
+
+        monkeypatch.setattr(c._mapper, "submit", no_memory)
+        c.reservation.inject_fault(nth)
+        with pytest.raises(VmemOutOfMemory):
+            c.prefetch({a: 96})
+        c.reservation.inject_fault(0)
+        assert c._mapper.pending == 0 and not c._mapper._jobs   # every ticket waited
+        c.check_integrity()
+        if nth:
+            assert snapshot(c) == before                       # the failed unmap left the idle slot whole
+        monkeypatch.undo()
+        c.step({a: 96})
+        c.check_integrity()
+
+
 @pytest.mark.parametrize("nth", [0, 1, 2])
 def test_prefetch_takes_pages_from_idle_slots_on_the_worker(nth):
     """Pool full of an idle slot's pages: prefetch queues the unmap and the map; a failure of either

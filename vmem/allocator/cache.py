@@ -489,11 +489,30 @@ class VirtualKVCache(SlotCache):
             reclaim = (uticket, before, rvirt, rphys)
             self._counters["reclaimed_pages"] += int(rvirt.size)
         virt, phys = self._place(g_slots, g_from, g_to)
-        ticket = self._mapper.submit(self._reservation, virt, self._pool, phys)
+        try:
+            ticket = self._mapper.submit(self._reservation, virt, self._pool, phys)
+        except BaseException:
+            if reclaim is not None:            # the unmap is queued: settle it now, keep or undo its plan
+                self._settle_reclaim(reclaim)
+            raise
         self._table.set(virt, phys)
         self._pending = (ticket, virt, phys, g_slots, g_from, reclaim)
         self._columns[g_slots] = g_to
         self._counters["prefetch_pages"] += int(virt.size)
+
+    def _settle_reclaim(self, reclaim) -> None:
+        """Wait for a prefetch's unmap job alone (its map job was never queued): keep the reclaim if it ran,
+        else give the slots their pages back in the page table (the native call rolled back)."""
+        uticket, before, rvirt, rphys = reclaim
+        try:
+            self._mapper.wait(uticket)
+        except VmemError as exc:
+            logger.warning("prefetch unmap failed (%s); the slots keep their pages", exc)
+            self._table.set(rvirt, rphys)
+            self._restore_columns(before)
+            return
+        self._counters["unmap_calls"] += 1
+        self._counters["pages_unmapped"] += int(rvirt.size)
 
     def _settle(self) -> None:
         """Wait for a prefetch in flight (only blocks if the worker is behind); undo what failed.
