@@ -139,3 +139,21 @@ def test_abort_frees_the_slot_and_stop_fails_what_is_left():
         assert not loop.alive
     finally:
         engine.close()
+
+
+def test_stop_says_whether_the_thread_is_gone(engine):
+    # `vmem serve` closes the engine (and unmaps the cache) after stop(); it may only do so once the
+    # engine thread has left its step, so stop() must say whether the join timed out.
+    loop, got = EngineLoop(engine), Collector()
+    gate, entered = threading.Event(), threading.Event()
+    inner = engine.step
+    engine.step = lambda: (entered.set(), gate.wait(10), inner())[2]
+    loop.start()
+    try:
+        loop.submit(request("held", "hold me", 4, engine.tokenizer), got.sink("held"))
+        assert entered.wait(10)            # the engine thread is inside step()
+        assert loop.stop(timeout_s=0.05) is False and loop.thread_alive
+    finally:
+        gate.set()
+    assert loop.stop() is True and not loop.thread_alive
+    assert isinstance(got.wait("held")[-1], ShuttingDown)

@@ -294,8 +294,10 @@ def create_app(engine, *, model_name: str = "tiny", limits: ServerLimits | None 
         try:
             yield
         finally:
-            state.engine_loop.stop()
-            logger.info("engine thread stopped")
+            if state.engine_loop.stop():
+                logger.info("engine thread stopped")
+            else:
+                logger.warning("engine thread still inside a step after 10 s; the engine stays open")
 
     app = FastAPI(title="vmem", lifespan=lifespan)
     app.state.vmem = state
@@ -412,7 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                     timeout_graceful_shutdown=10)
     finally:
-        engine.close()
+        loop = app.state.vmem.engine_loop
+        if loop is None or not loop.thread_alive:   # never close the cache under a step still running
+            engine.close()
     return 0
 
 

@@ -64,16 +64,22 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="vmem-engine", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Abort everything still in flight and join the thread."""
+    def stop(self, timeout_s: float = 10.0) -> bool:
+        """Abort everything still in flight and join the thread. Returns False if it is still inside a
+        step after ``timeout_s``: then the engine is still its thread's, and must not be closed."""
         self._stop.set()
         self._wakeup.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        return not self.thread_alive
+
+    @property
+    def thread_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.error is None
+        return self.thread_alive and self.error is None
 
     @property
     def num_queued(self) -> int:
