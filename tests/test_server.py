@@ -613,3 +613,13 @@ def test_main_serves_and_shuts_down_gracefully():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("text", ["12x", "infG", "nanM", "1e400K", ""])
+def test_bad_memory_sizes_are_usage_errors(text):
+    import argparse
+
+    from vmem.engine.server import parse_bytes
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_bytes(text)
+    assert parse_bytes("1.5K") == 1536 and parse_bytes("2GiB") == 2 << 30 and parse_bytes("4096") == 4096

@@ -383,7 +383,7 @@ def parse_bytes(text: str | None) -> int | None:
         if s and s[-1] in units:
             return int(float(s[:-1]) * units[s[-1]])
         return int(s)
-    except ValueError:
+    except (ValueError, OverflowError):   # OverflowError: int(float("inf"))
         raise argparse.ArgumentTypeError("not a byte size: %r" % text) from None
 
 
