@@ -245,6 +245,19 @@ def test_stream_wire_format_ends_with_done(server):
         assert "usage" not in chunk   # not asked for
 
 
+def test_continuous_usage_stats_puts_usage_in_every_chunk(server):
+    # stream_options.continuous_usage_stats (vLLM's) is accepted, so it must be honoured, not ignored.
+    kw = dict(model=MODEL, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}, stream=True,
+              stream_options={"include_usage": True, "continuous_usage_stats": True})
+    for chunks in (list(server.client.completions.create(prompt="count me", **kw)),
+                   list(server.client.chat.completions.create(messages=[{"role": "user", "content": "count"}],
+                                                              **kw))):
+        assert all(c.usage is not None for c in chunks)
+        counts = [c.usage.completion_tokens for c in chunks]
+        assert counts == sorted(counts) and counts[-1] == 6
+        assert not chunks[-1].choices and all(c.usage.prompt_tokens == chunks[-1].usage.prompt_tokens for c in chunks)
+
+
 def test_chat_completion_and_stream(server, reference):
     tok = server.engine.tokenizer
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"}]

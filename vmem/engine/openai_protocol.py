@@ -90,6 +90,11 @@ class _SamplingFields(_Strict):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        """vLLM's stream_options.continuous_usage_stats (with include_usage): usage in every chunk."""
+        return self.include_usage and self.stream_options.continuous_usage_stats
+
 
 PromptT = Union[StrictStr, list[StrictInt], list[StrictStr], list[list[StrictInt]]]
 

@@ -235,7 +235,7 @@ async def _generate(state: ServerState, request: Request, body, chat: bool):
     shaper = ResponseShaper(chat, request_id, state.model_name)
     watcher = asyncio.create_task(_watch_disconnect(request, flight))
     if body.stream:
-        return StreamingResponse(_stream(flight, shaper, body.include_usage, watcher),
+        return StreamingResponse(_stream(flight, shaper, body.include_usage, watcher, body.continuous_usage),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
@@ -251,15 +251,20 @@ async def _generate(state: ServerState, request: Request, body, chat: bool):
     return JSONResponse(shaper.full("".join(parts), reason, flight.usage))
 
 
-async def _stream(flight: _Flight, shaper: ResponseShaper, include_usage: bool, watcher: asyncio.Task):
+async def _stream(flight: _Flight, shaper: ResponseShaper, include_usage: bool, watcher: asyncio.Task,
+                  continuous_usage: bool = False):
     """SSE events: one chunk per text delta, a final chunk with finish_reason, usage, [DONE].
+    ``continuous_usage``: every chunk also carries the usage so far (vLLM's continuous_usage_stats).
 
     A client that disconnects is caught by ``watcher`` (which aborts the request) and by
     Starlette, which cancels this generator.
     """
+    def so_far():
+        return flight.usage if continuous_usage else None
+
     try:
         if shaper.chat:   # OpenAI's first chat chunk carries the role
-            yield _sse(shaper.chunk("", first=True))
+            yield _sse(shaper.chunk("", first=True, usage_=so_far()))
         reason = None
         while reason is None:
             try:
@@ -268,7 +273,7 @@ async def _stream(flight: _Flight, shaper: ResponseShaper, include_usage: bool, 
                 yield _sse(err.body())
                 break
             if delta or reason is not None:
-                yield _sse(shaper.chunk(delta, reason))
+                yield _sse(shaper.chunk(delta, reason, usage_=so_far()))
         if include_usage and reason is not None:
             yield _sse(shaper.usage_chunk(flight.usage))
         yield "data: [DONE]\n\n"
