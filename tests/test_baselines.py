@@ -48,6 +48,21 @@ def test_same_protocol_for_all_three(kind):
 
 
 @pytest.mark.parametrize("kind", CACHE_KINDS)
+def test_needs_beyond_int64_are_typed_errors(kind):
+    """The fast path of needs parsing built int64 arrays first: a huge slot or token count raised
+    OverflowError instead of the typed error."""
+    with make(kind) as c:
+        a = c.alloc_slot()
+        for call in (lambda: c.step({a: 2**70}), lambda: c.pages_needed({a: 2**64}),
+                     lambda: c.can_allocate({a: -2**64}), lambda: c.prefetch({a: 2**63})):
+            with pytest.raises(VmemInvalidArgument):
+                call()
+        with pytest.raises(VmemSlotError):
+            c.step({2**70: 1})
+        assert c.length(a) == 0
+
+
+@pytest.mark.parametrize("kind", CACHE_KINDS)
 def test_kv_views_hold_what_was_written(kind):
     with make(kind) as c:
         s = c.alloc_slot()

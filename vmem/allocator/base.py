@@ -87,11 +87,14 @@ class SlotCache:
             raise VmemInvalidArgument("needs must be a mapping {slot: num_tokens}, got %r" % (type(needs).__name__,))
         keys, values = list(needs.keys()), list(needs.values())
         if all(type(x) is int for x in keys) and all(type(x) is int for x in values):
-            slots = np.array(keys, dtype=np.int64)
-            tokens = np.array(values, dtype=np.int64)
-            if not slots.size:
+            try:
+                slots = np.array(keys, dtype=np.int64)
+                tokens = np.array(values, dtype=np.int64)
+            except OverflowError:              # beyond int64: the slow path names the bad entry
+                slots = tokens = None
+            if slots is not None and not slots.size:
                 return slots, tokens
-            if (slots.min() >= 0 and slots.max() < self.num_slots and self._live[slots].all()
+            if (slots is not None and slots.min() >= 0 and slots.max() < self.num_slots and self._live[slots].all()
                     and tokens.min() >= 0 and tokens.max() <= self.spec.max_seq_len):
                 order = np.argsort(slots, kind="stable")
                 return slots[order], tokens[order]
