@@ -387,6 +387,9 @@ def test_out_of_range_integers_raise_typed_errors(host_backend, host_resv, host_
         lambda: host_backend.set_map_budget(2**64),
         lambda: host_resv.inject_fault(1, "bogus"),
         lambda: host_pool.inject_fault(2**64),
+        lambda: host_resv.tensor("float32", (4,)),
+        lambda: host_resv.tensor(torch.float32, ("four",)),
+        lambda: host_resv.tensor(torch.float32, (4,), strides=(None,)),
     ]
     for call in bad:
         with pytest.raises(VmemInvalidArgument):

@@ -43,10 +43,15 @@ def _contiguous_strides(shape):
 
 def make_view(resv, dtype, shape, offset_bytes: int = 0, strides=None) -> torch.Tensor:
     """``shape`` of ``dtype`` at ``resv.address + offset_bytes``; ``strides`` in elements (default: C order)."""
-    shape = tuple(int(s) for s in shape)
-    offset_bytes = int(offset_bytes)
-    strides = _contiguous_strides(shape) if strides is None else tuple(int(s) for s in strides)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    if not isinstance(dtype, torch.dtype):
+        raise VmemInvalidArgument("dtype must be a torch.dtype, got %r" % (dtype,), op="tensor")
+    try:
+        shape = tuple(int(s) for s in shape)
+        offset_bytes = int(offset_bytes)
+        strides = _contiguous_strides(shape) if strides is None else tuple(int(s) for s in strides)
+    except (TypeError, ValueError) as exc:
+        raise VmemInvalidArgument("shape, strides and offset_bytes must be ints: %s" % exc, op="tensor") from None
+    itemsize = dtype.itemsize
     if len(strides) != len(shape) or any(s < 0 for s in shape) or any(s < 0 for s in strides):
         raise VmemInvalidArgument("bad shape %s / strides %s" % (shape, strides), op="tensor")
     if offset_bytes < 0 or offset_bytes % itemsize:
