@@ -531,6 +531,35 @@ def test_failed_construction_releases_the_reservation_and_the_pool(monkeypatch):
     assert len(made) == 2 and all(m.closed for m in made)
 
 
+def test_pool_memory_held_from_creation_counts_as_resident(monkeypatch):
+    """The cuda pool creates every handle with the pool (and a hugetlb memfd is fallocated whole), so the
+    backend reports all pool pages resident from the start; the page table marked only mapped ones, and
+    check_integrity failed as soon as one pool page had never been mapped. Emulated on the host: the
+    pool's pages are given memory (mapped, written, unmapped) before the cache sees it."""
+    backend = get_backend("host")
+    real = type(backend).create_pool
+
+    def prefaulted_pool(self, page_bytes, num_pages, max_pages=None):
+        pool = real(self, page_bytes, num_pages, max_pages)
+        with self.reserve(num_pages * page_bytes, page_bytes) as scratch:
+            scratch.map(np.arange(num_pages), pool, np.arange(num_pages))
+            scratch.tensor(torch.uint8, (num_pages * page_bytes,)).fill_(1)
+            scratch.unmap(np.arange(num_pages))
+        assert pool.info()["backed_pages"] == num_pages
+        return pool
+
+    monkeypatch.setattr(type(backend), "create_pool", prefaulted_pool)
+    spec = small_spec()
+    with cache(spec, pages=64) as c:
+        c.check_integrity()
+        a = c.alloc_slot()
+        c.step({a: 40})
+        c.check_integrity()
+        c.free_slot(a)
+        assert c.reclaim_idle() == spec.pages_for_tokens(40)   # host: trimmed, no longer resident
+        c.check_integrity()
+
+
 def test_bad_construction_arguments():
     with pytest.raises(VmemInvalidArgument):
         cache(reclaim="lazy")

@@ -114,6 +114,10 @@ class VirtualKVCache(SlotCache):
         self._planes = [self._reservation.tensor(spec.dtype, spec.plane_shape, offset_bytes=spec.plane_offset_bytes(p))
                         for p in range(spec.num_planes)]
         self._table = PageTable(spec.num_virtual_pages, pool_pages)
+        if self._pool.info()["backed_pages"] == pool_pages:
+            # memory held from creation (cuda: every handle is created with the pool; host: a hugetlb memfd
+            # is fallocated whole): resident until trimmed, as the backend reports it
+            self._table.resident[:] = True
         self._columns = np.zeros(spec.max_batch, dtype=np.int64)
         self._inherited = np.zeros(spec.max_batch, dtype=np.int64)   # columns a request found in its slot
         self._shared = np.zeros(spec.max_batch, dtype=np.int64)      # leading columns shared with another slot
