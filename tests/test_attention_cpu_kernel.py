@@ -3,6 +3,7 @@
 Every cache is filled with NaN past each request's length: a kernel that read one element there would
 return NaN. Both the AVX-512 path (where the CPU has it) and the forced portable path run every case.
 """
+import importlib.util
 import pathlib
 import re
 
@@ -184,13 +185,20 @@ def test_flash_attn_with_kvcache_decode_uses_the_kernel(layout, dtype, monkeypat
     torch.testing.assert_close(out.float(), sdpa.float(), **tol(dtype))
 
 
-def test_declarations_in_build_py_match_the_c_file():
+def test_build_py_feeds_vmem_attn_h_to_cffi():
+    """vmem_attn.h is the kernel's only declaration: build.py's cdef must carry all of it."""
     native = pathlib.Path(__file__).resolve().parent.parent / "vmem" / "_native"
-    c_text = (native / "attn_cpu.c").read_text()
-    c_block = c_text.split("/* ---- declarations")[1].split("/* ---- end of declarations")[0]
-    c_block = c_block.split("\n", 1)[1]
-    py_block = re.search(r'ATTN_DECLS = """(.*?)"""', (native / "build.py").read_text(), re.S).group(1)
-
-    def tokens(text):
-        return re.sub(r"/\*.*?\*/", " ", text, flags=re.S).split()
-    assert tokens(c_block) == tokens(py_block)
+    spec = importlib.util.spec_from_file_location("_vmem_build_check", native / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    header = (native / "vmem_attn.h").read_text()
+    cdef = build._cdef(header)
+    funcs = re.findall(r"^int (vmem_attn_\w+)\(", header, re.M)
+    consts = dict(re.findall(r"^#define (VMEM_ATTN_\w+) (\d+)$", header, re.M))
+    assert "vmem_attn.h" in build.HEADERS and "attn_cpu_x86.c" in build.SOURCES
+    assert set(funcs) == {"vmem_attn_decode", "vmem_attn_decode_path"} and len(consts) == 8
+    for name in funcs:
+        assert name + "(" in cdef and callable(getattr(lib, name))
+    for name, value in consts.items():
+        assert "#define %s ..." % name in cdef and getattr(lib, name) == int(value)
+    assert "} vmem_attn_decode_t;" in cdef and ffi.sizeof("vmem_attn_decode_t") > 0

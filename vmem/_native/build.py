@@ -1,7 +1,7 @@
 """cffi builder for the native layer (API mode, out of line): ``vmem._native._vmem_cffi``.
 
-The header vmem.h is both the C contract and the cdef (preprocessor lines stripped, the
-``#define`` status codes declared as ``#define NAME ...`` for cffi). setup.py wires ``ffibuilder``
+The headers (vmem.h, vmem_attn.h) are both the C contract and the cdef (preprocessor lines stripped,
+``#define`` constants declared as ``#define NAME ...`` for cffi). setup.py wires ``ffibuilder``
 through ``cffi_modules``; the extension is stamped with vmem/_version.py's version.
 """
 import pathlib
@@ -10,38 +10,10 @@ import re
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-SOURCES = ["core.c", "map.c", "pool.c", "host.c", "cuda.c", "worker.c", "attn_cpu.c"]
-
-# The fused CPU decode attention kernel (Note [CPU decode attention] in attn_cpu.c, which declares the same).
-ATTN_DECLS = """
-#define VMEM_ATTN_F32 0
-#define VMEM_ATTN_F16 1
-#define VMEM_ATTN_BF16 2
-#define VMEM_ATTN_PORTABLE 1
-#define VMEM_ATTN_NO_BF16_DOT 2
-#define VMEM_ATTN_PATH_PORTABLE 0
-#define VMEM_ATTN_PATH_AVX512 1
-#define VMEM_ATTN_PATH_AVX512_BF16 2
-typedef struct {
-    const void *q;
-    const void *k_cache;
-    const void *v_cache;
-    void *out;
-    const int64_t *seqlens;
-    const int64_t *rows;
-    int64_t q_stride_b, q_stride_h;
-    int64_t k_stride_b, k_stride_s, k_stride_h;
-    int64_t v_stride_b, v_stride_s, v_stride_h;
-    int64_t out_stride_b, out_stride_h;
-    int32_t dtype;
-    int32_t batch, num_heads, num_kv_heads, head_dim;
-    int32_t num_threads;
-    int32_t flags;
-    float scale;
-} vmem_attn_decode_t;
-int vmem_attn_decode(const vmem_attn_decode_t *args);
-int vmem_attn_decode_path(int32_t head_dim, int32_t flags);
-"""
+SOURCES = ["core.c", "map.c", "pool.c", "host.c", "cuda.c", "worker.c", "attn_cpu.c", "attn_cpu_x86.c"]
+# vmem.h: the primitive contract; vmem_attn.h: the fused CPU decode attention kernel (Note [CPU decode
+# attention] in attn_cpu.c). Both are the cdef as well as the C declarations.
+HEADERS = ["vmem.h", "vmem_attn.h"]
 
 
 def _version() -> str:
@@ -61,10 +33,10 @@ def _cdef(header: str) -> str:
 
 
 ffibuilder = FFI()
-ffibuilder.cdef(_cdef((HERE / "vmem.h").read_text()) + ATTN_DECLS)
+ffibuilder.cdef("\n".join(_cdef((HERE / h).read_text()) for h in HEADERS))
 ffibuilder.set_source(
     "vmem._native._vmem_cffi",
-    '#include "vmem.h"\n' + ATTN_DECLS,
+    "".join('#include "%s"\n' % h for h in HEADERS),
     sources=[str((HERE / s).relative_to(HERE.parent.parent)) for s in SOURCES],
     include_dirs=[str(HERE.relative_to(HERE.parent.parent))],
     define_macros=[("VMEM_VERSION", '"%s"' % _version())],
