@@ -37,7 +37,7 @@ KINDS = ("vmem", "paged", "static")
 
 def workloads(args):
     from vmem.engine import workloads as wl
-    from vmem.engine.replay import ReplayConfig
+    from vmem.replay import ReplayConfig
     common = dict(model=args.model, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                   memory_bytes=None if args.memory_mib is None else int(args.memory_mib * 2**20),
                   page_bytes=args.page_bytes, seed=args.seed, warmup_requests=4)
@@ -54,7 +54,7 @@ def workloads(args):
 
 
 def run_workload(name, cfg, reqs, args):
-    from vmem.engine.replay import make_engine, make_prompts, run_trace, warm_up, _reset_counters
+    from vmem.replay import make_engine, make_prompts, run_trace, warm_up, _reset_counters
     prompts = make_prompts(reqs, cfg.seed)
     per_kind = {k: [] for k in KINDS}
     for rep in range(args.repeats):
@@ -105,7 +105,7 @@ def hf_peer(cfg, reqs, args) -> dict:
         return {"status": "skipped", "reason": "no interpreter at %s (make one: python3.11 -m venv .venv-hf && "
                 ".venv-hf/bin/pip install torch==2.13.0 transformers==5.24.0)" % python}
     from vmem.engine.model import ModelConfig
-    from vmem.engine.replay import make_prompts, memory_budget
+    from vmem.replay import make_prompts, memory_budget
     mc = ModelConfig.preset(cfg.model, seed=cfg.seed)
     kv_tokens = memory_budget(cfg) // mc.kv_bytes_per_token
     job = {"model": {"vocab_size": mc.vocab_size, "hidden_size": mc.hidden_size, "num_layers": mc.num_layers,

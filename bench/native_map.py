@@ -33,7 +33,7 @@ import time
 import numpy as np
 
 from vmem.backends import get_backend
-from vmem.backends._ffi import ffi, lib
+from vmem._native import ffi, lib
 
 TARGET = 1.25
 HOST_SIZES = [(4 << 10, 4096), (64 << 10, 4096), (2 << 20, 256)]  # (page_bytes, pages at scale 1)

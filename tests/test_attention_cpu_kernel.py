@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vmem.attention import cpu_decode, flash_attn_with_kvcache, naive_attention
-from vmem.backends._ffi import ffi, lib
+from vmem._native import ffi, lib
 
 D = 64
 HKV = 2

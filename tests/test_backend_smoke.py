@@ -9,7 +9,7 @@ from vmem.errors import VmemClosedError, VmemInvalidArgument, VmemUnsupported
 
 
 def test_import_checks_version():
-    from vmem.backends._ffi import NATIVE_VERSION
+    from vmem._native import NATIVE_VERSION
 
     assert NATIVE_VERSION == vmem.__version__
 
@@ -62,7 +62,7 @@ def test_stale_extension_is_refused():
     import subprocess
     import sys
 
-    code = ("import importlib, vmem._version as v, vmem.backends._ffi as f\n"
+    code = ("import importlib, vmem._version as v, vmem._native as f\n"
             "v.__version__ = '0.0.0-other'\n"
             "try:\n    importlib.reload(f)\nexcept ImportError as e:\n    print('REFUSED', e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout

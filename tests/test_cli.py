@@ -86,7 +86,7 @@ def test_serve_and_stress_are_wired(command, capsys):
 
 
 def test_replay_paces_arrivals_at_a_multiple_of_measured_static_capacity():
-    from vmem.engine.replay import ReplayConfig, replay
+    from vmem.replay import ReplayConfig, replay
     cfg = ReplayConfig(max_requests=16, max_batch=8, max_seq_len=256, max_prompt_tokens=96, max_output_tokens=16,
                        load=1.5)
     result = replay(cfg, kinds=("vmem",), progress=False)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from vmem.backends._ffi import lib
+from vmem._native import lib
 from vmem.errors import (VmemBusyError, VmemClosedError, VmemDriverError, VmemInvalidArgument,
                          VmemMapLimitError, VmemOutOfMemory)
 

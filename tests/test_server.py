@@ -24,7 +24,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from vmem.engine.engine import Request, SamplingParams, build_engine  # noqa: E402
-from vmem.engine.server import ServerLimits, create_app  # noqa: E402
+from vmem.server.app import ServerLimits, create_app  # noqa: E402
 
 MODEL = "tiny"
 MAX_SEQ_LEN = 256
@@ -625,7 +625,7 @@ def test_main_serves_and_shuts_down_gracefully():
 def test_bad_memory_sizes_are_usage_errors(text):
     import argparse
 
-    from vmem.engine.server import parse_bytes
+    from vmem.server.app import parse_bytes
     with pytest.raises(argparse.ArgumentTypeError):
         parse_bytes(text)
     assert parse_bytes("1.5K") == 1536 and parse_bytes("2GiB") == 2 << 30 and parse_bytes("4096") == 4096

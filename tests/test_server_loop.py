@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vmem.engine.engine import Request, SamplingParams, build_engine
-from vmem.engine.server_loop import EngineLoop, ShuttingDown
+from vmem.server.loop import EngineLoop, ShuttingDown
 from vmem.errors import VmemInvalidArgument
 
 KW = dict(model="tiny", cache_kind="vmem", max_batch=4, max_seq_len=128, backend="host")

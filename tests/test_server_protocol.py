@@ -5,11 +5,11 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from vmem.engine.openai_protocol import (  # noqa: E402
+from vmem.server.protocol import (  # noqa: E402
     ApiError, ChatCompletionRequest, CompletionRequest, ResponseShaper, TextStream,
     describe_validation_errors,
 )
-from vmem.engine.server_loop import Histogram, ServerMetrics  # noqa: E402
+from vmem.server.loop import Histogram, ServerMetrics  # noqa: E402
 
 
 def byte_decode(ids):

@@ -2,7 +2,7 @@
 
     vmem replay --compare          the bundled Azure trace through vmem, paged and static caches
     vmem info [--json]             backend, granularity, limits, what the machine supports
-    vmem serve [...]               OpenAI-compatible server (vmem.engine.server)
+    vmem serve [...]               OpenAI-compatible server (vmem.server.app)
     vmem stress [...]              allocator stress test (vmem.stress)
 """
 
@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # serve and stress own their flags; hand them the rest of the line untouched.
     if argv and argv[0] == "serve":
-        from vmem.engine import server
-        return _rc(server.main(argv[1:]))
+        from vmem.server import app
+        return _rc(app.main(argv[1:]))
     if argv and argv[0] == "stress":
         from vmem import stress
         return _rc(stress.main(argv[1:]))
@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _replay_config(args):
-    from vmem.engine.replay import ReplayConfig
+    from vmem.replay import ReplayConfig
     cfg = ReplayConfig()
     pairs = {"trace": args.trace, "synthetic": args.synthetic or None, "start_s": args.start,
              "duration_s": args.duration, "max_requests": args.max_requests, "time_scale": args.time_scale,
@@ -126,7 +126,7 @@ def _parse_slos(items: list[str]) -> dict:
 
 
 def cmd_replay(args) -> int:
-    from vmem.engine import replay
+    from vmem import replay
     cfg = _replay_config(args)
     kinds = replay.CACHE_KINDS if args.compare else (args.cache,)
     result = replay.replay(cfg, kinds, progress=not args.no_progress)

@@ -28,7 +28,7 @@ _DTYPES = {}
 def _native():
     global _lib, _ffi
     if _lib is None:
-        from vmem.backends._ffi import ffi, lib
+        from vmem._native import ffi, lib
         _ffi, _lib = ffi, lib
         _DTYPES.update({torch.float32: lib.VMEM_ATTN_F32, torch.float16: lib.VMEM_ATTN_F16,
                         torch.bfloat16: lib.VMEM_ATTN_BF16})

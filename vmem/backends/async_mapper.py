@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 
-from vmem.backends._ffi import as_pages, ffi, lib
+from vmem._native import as_pages, ffi, lib
 from vmem.backends.base import _i64
 from vmem.errors import INVALID, VmemClosedError, VmemInvalidArgument, check, check_err
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from vmem.backends._ffi import as_pages, ffi, lib
+from vmem._native import as_pages, ffi, lib
 from vmem.errors import (INVALID, VmemClosedError, VmemInvalidArgument, check, check_err)
 
 _FAULT_CODES = {"oom": 1, "map_limit": 2, "invalid": 3, "driver": 4}

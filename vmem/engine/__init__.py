@@ -1,5 +1,5 @@
-"""Reference engine: model and tokenizer here; the engine, scheduler, workloads and server load lazily
-(importing vmem.engine must not pull in fastapi or the allocator)."""
+"""Reference engine: model and tokenizer here; the engine, scheduler and workloads load lazily
+(importing vmem.engine must not pull in the allocator). The server is vmem.server."""
 from __future__ import annotations
 
 import importlib
@@ -10,7 +10,7 @@ from vmem.engine.tokenizer import ByteTokenizer
 _LAZY = {
     "Engine": "vmem.engine.engine", "Request": "vmem.engine.engine", "RequestOutput": "vmem.engine.engine",
     "SamplingParams": "vmem.engine.engine", "build_engine": "vmem.engine.engine",
-    "Scheduler": "vmem.engine.scheduler", "create_app": "vmem.engine.server",
+    "Scheduler": "vmem.engine.scheduler",
 }
 
 __all__ = ["PRESETS", "ByteTokenizer", "Model", "ModelConfig", *_LAZY]

@@ -30,11 +30,11 @@ except ImportError as exc:   # an optional dependency
     raise ImportError("vmem serve needs FastAPI and uvicorn: pip install 'vmem[server]' (%s)" % exc) from exc
 
 from vmem.engine.engine import Request as EngineRequest, SamplingParams
-from vmem.engine.openai_protocol import (
+from vmem.server.protocol import (
     ApiError, ChatCompletionRequest, CompletionRequest, ResponseShaper, TextStream,
     describe_validation_errors, error_body, new_id, usage,
 )
-from vmem.engine.server_loop import EngineLoop, ServerMetrics, ShuttingDown
+from vmem.server.loop import EngineLoop, ServerMetrics, ShuttingDown
 from vmem.errors import VmemError, VmemInvalidArgument
 
 logger = logging.getLogger(__name__)
