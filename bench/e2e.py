@@ -54,7 +54,7 @@ def workloads(args):
 
 
 def run_workload(name, cfg, reqs, args):
-    from vmem.replay import make_engine, make_prompts, run_trace, warm_up, _reset_counters
+    from vmem.replay import make_engine, make_prompts, run_trace, warm_up
     prompts = make_prompts(reqs, cfg.seed)
     per_kind = {k: [] for k in KINDS}
     for rep in range(args.repeats):
@@ -63,7 +63,7 @@ def run_workload(name, cfg, reqs, args):
             engine = make_engine(cfg, kind)
             try:
                 warm_up(engine, cfg.warmup_requests)
-                _reset_counters(engine)
+                engine.reset_counters()
                 res = run_trace(engine, reqs, prompts, label="%s/%s#%d" % (name, kind, rep), progress=args.progress)
             finally:
                 engine.close()

@@ -1,4 +1,7 @@
-"""Shared fixtures and Hypothesis profiles.
+"""Shared fixtures, helpers and Hypothesis profiles.
+
+Helpers (import them: ``from conftest import greedy_reference, vmas_in``): the greedy oracle (a full
+recompute without any cache) and the kernel's count of VMAs over a reservation.
 
 Profiles: ``ci`` (loaded by default: derandomized, no deadline, so a red run reproduces) and ``soak``
 (many more examples, random seeds). Pick one with ``HYPOTHESIS_PROFILE=soak``.
@@ -60,6 +63,30 @@ def model():
     from vmem.engine.model import Model, ModelConfig
 
     return Model(ModelConfig.preset("tiny", seed=0))
+
+
+def greedy_reference(model, prompt, max_tokens: int) -> list[int]:
+    """The oracle: greedy tokens of a full recompute of the whole sequence at every step, no cache."""
+    import torch
+
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(max_tokens):
+            logits = model.forward_full(torch.tensor([ids], dtype=torch.int64))
+            ids.append(int(torch.argmax(logits[0, -1])))
+    return ids[len(prompt):]
+
+
+def vmas_in(resv) -> int:
+    """Kernel VMAs that overlap the reservation, read from /proc/self/maps."""
+    lo, hi = resv.address, resv.address + resv.num_bytes
+    n = 0
+    with open("/proc/self/maps") as f:
+        for line in f:
+            a, b = (int(x, 16) for x in line.split()[0].split("-"))
+            if a < hi and b > lo:
+                n += 1
+    return n
 
 
 def _cuda_ok():

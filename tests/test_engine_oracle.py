@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import greedy_reference
 from vmem.allocator import KVCacheSpec, make_cache
 from vmem.engine.engine import Engine, Request, SamplingParams
 from vmem.engine.model import Model, ModelConfig
@@ -22,15 +23,6 @@ def make_spec(model, max_batch, max_seq_len=128, page_bytes=4096):
 
 def token_bytes(spec):
     return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * spec.dtype.itemsize
-
-
-@torch.inference_mode()
-def reference(model, prompt, max_tokens):
-    ids = list(prompt)
-    for _ in range(max_tokens):
-        logits = model.forward_full(torch.tensor([ids], dtype=torch.int64))
-        ids.append(int(torch.argmax(logits[0, -1])))
-    return ids[len(prompt):]
 
 
 def workload(num_requests, seed, max_prompt=60, max_new=16):
@@ -60,7 +52,7 @@ def run(engine, reqs, *, add_every=1):
 @pytest.fixture(scope="module")
 def reqs_and_refs(model):
     reqs = workload(12, seed=1)
-    return reqs, [reference(model, p, n) for p, n in reqs]
+    return reqs, [greedy_reference(model, p, n) for p, n in reqs]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -102,7 +94,7 @@ def test_greedy_matches_under_preemption(model, kind):
     """A budget of about 1.5 long sequences for 6 long requests forces recompute preemption."""
     reqs = workload(6, seed=5, max_prompt=70, max_new=40)
     reqs = [(p + [7] * max(0, 50 - len(p)), max(n, 30)) for p, n in reqs]
-    refs = [reference(model, p, n) for p, n in reqs]
+    refs = [greedy_reference(model, p, n) for p, n in reqs]
     spec = make_spec(model, max_batch=4)
     cache = make_cache(kind, spec, memory_bytes=int(1.6 * 112 * token_bytes(spec)))
     engine = Engine(model, cache, max_num_batched_tokens=128, prefill_chunk_tokens=32)
@@ -122,7 +114,7 @@ def test_greedy_matches_full_recompute_on_cuda(kind):
         pytest.skip("needs a CUDA device")
     model = Model(ModelConfig.preset("tiny", seed=0)).to("cuda")
     reqs = workload(8, seed=11)
-    refs = [reference(model, p, n) for p, n in reqs]
+    refs = [greedy_reference(model, p, n) for p, n in reqs]
     spec = make_spec(model, max_batch=3)
     cache = make_cache(kind, spec, memory_bytes=3 * spec.max_seq_len * token_bytes(spec), backend="cuda",
                        device="cuda")

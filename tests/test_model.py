@@ -5,6 +5,7 @@ cache and on the three real caches; seeded weights; typed errors."""
 import pytest
 import torch
 
+from conftest import greedy_reference
 from vmem.attention import flash_attn_with_kvcache
 from vmem.engine import PRESETS, ByteTokenizer, Model, ModelConfig
 from vmem.errors import VmemInvalidArgument
@@ -32,13 +33,6 @@ class DenseCache:
 @pytest.fixture(scope="module")
 def tiny():
     return Model(ModelConfig.preset("tiny", seed=0))
-
-
-def reference_tokens(model, prompt, num_new):
-    ids = list(prompt)
-    for _ in range(num_new):
-        ids.append(int(model.forward_full(torch.tensor([ids])).argmax(-1)[0, -1]))
-    return ids[len(prompt):]
 
 
 def decode_through_cache(model, cache, prompts, slots, num_new, chunk=5, max_logit_err=None):
@@ -80,7 +74,7 @@ def test_cached_decoding_equals_full_recompute(tiny, layout):
     cache = DenseCache(tiny.config, max_batch=4, max_seq_len=96, layout=layout)
     got = decode_through_cache(tiny, cache, PROMPTS, SLOTS, num_new=12)
     for prompt, tokens in zip(PROMPTS, got):
-        assert tokens == reference_tokens(tiny, prompt, 12)
+        assert tokens == greedy_reference(tiny, prompt, 12)
 
 
 @pytest.mark.parametrize("kind", ["vmem", "paged", "static"])
@@ -97,7 +91,7 @@ def test_cached_decoding_on_real_caches(tiny, kind):
     finally:
         cache.close()
     for prompt, tokens in zip(PROMPTS, got):
-        assert tokens == reference_tokens(tiny, prompt, 8)
+        assert tokens == greedy_reference(tiny, prompt, 8)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -118,9 +112,9 @@ def test_weights_are_seeded_and_greedy_output_varies():
     ids = torch.tensor([list(b"seeded")])
     assert torch.equal(a.forward_full(ids), b.forward_full(ids))
     assert not torch.equal(a.forward_full(ids), c.forward_full(ids))
-    tokens = reference_tokens(a, list(b"The quick brown fox"), 32)
+    tokens = greedy_reference(a, list(b"The quick brown fox"), 32)
     assert len(set(tokens)) >= 8, tokens               # not a constant or a short loop
-    assert tokens != reference_tokens(c, list(b"The quick brown fox"), 32)
+    assert tokens != greedy_reference(c, list(b"The quick brown fox"), 32)
 
 
 def test_presets_and_config_validation():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import vmas_in
 from vmem._native import lib
 from vmem.errors import (VmemBusyError, VmemClosedError, VmemDriverError, VmemInvalidArgument,
                          VmemMapLimitError, VmemOutOfMemory)
@@ -17,18 +18,6 @@ PB = 64 << 10  # page bytes used by the fixtures
 
 def process_vmas() -> int:
     return int(lib.vmem_count_process_mappings())
-
-
-def vmas_in(resv) -> int:
-    """Kernel VMAs that overlap the reservation, read from /proc/self/maps."""
-    lo, hi = resv.address, resv.address + resv.num_bytes
-    n = 0
-    with open("/proc/self/maps") as f:
-        for line in f:
-            a, b = (int(x, 16) for x in line.split()[0].split("-"))
-            if a < hi and b > lo:
-                n += 1
-    return n
 
 
 def page_view(resv, page, dtype=torch.int64):

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from test_native_host import vmas_in
+from conftest import vmas_in
 
 NUM_VIRT, NUM_PHYS, PB = 48, 32, 4096
 

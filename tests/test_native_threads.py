@@ -3,7 +3,7 @@ import threading
 
 import numpy as np
 
-from test_native_host import vmas_in
+from conftest import vmas_in
 
 
 def _hammer(fn, num_threads=2):

@@ -178,15 +178,20 @@ def test_request_that_never_fits_memory_finishes_with_error(model):
 
 
 def test_sampling_is_seeded(model):
+    # Equal seeds give equal tokens; and sampling really samples: a second seed and greedy decoding
+    # both give other tokens (this would fail if temperature > 0 fell back to argmax).
     engine = new_engine(model)
     try:
-        params = dict(max_tokens=12, temperature=0.9, top_p=0.8, seed=3, ignore_eos=True)
-        for rid in ("x", "y"):
-            engine.add_request(Request(rid, [1, 2, 3], SamplingParams(**params)))
-        toks = {"x": [], "y": []}
+        params = dict(max_tokens=12, temperature=1.0, top_p=1.0, ignore_eos=True)
+        requests = {"x": dict(seed=3), "y": dict(seed=3), "z": dict(seed=4), "greedy": dict(temperature=0.0)}
+        for rid, extra in requests.items():
+            engine.add_request(Request(rid, [1, 2, 3], SamplingParams(**{**params, **extra})))
+        toks = {rid: [] for rid in requests}
         while engine.has_work():
             for o in engine.step():
                 toks[o.request_id].extend(o.new_token_ids)
         assert toks["x"] == toks["y"] and len(toks["x"]) == 12
+        assert toks["z"] != toks["x"]
+        assert toks["greedy"] != toks["x"] and toks["greedy"] != toks["z"]
     finally:
         engine.close()

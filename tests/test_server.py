@@ -361,7 +361,10 @@ def test_seeded_sampling_is_reproducible(server):
               extra_body={"ignore_eos": True})
     a = server.client.completions.create(**kw).choices[0].text
     b = server.client.completions.create(**kw).choices[0].text
+    other_seed = server.client.completions.create(**{**kw, "seed": 4321}).choices[0].text
+    greedy = server.client.completions.create(**{**kw, "temperature": 0}).choices[0].text
     assert a == b
+    assert other_seed != a and greedy != a      # it samples: not argmax, and the seed matters
 
 
 def test_engine_failure_is_a_500_error_json_and_serving_goes_on(server):

@@ -8,11 +8,6 @@ from __future__ import annotations
 
 OK, OOM, MAP_LIMIT, INVALID, DRIVER, UNSUPPORTED, CLOSED, BUSY = range(8)
 
-STATUS_NAMES = {
-    OK: "OK", OOM: "OOM", MAP_LIMIT: "MAP_LIMIT", INVALID: "INVALID", DRIVER: "DRIVER",
-    UNSUPPORTED: "UNSUPPORTED", CLOSED: "CLOSED", BUSY: "BUSY",
-}
-
 # err.detail values (VMEM_DETAIL_* in vmem.h) -> what went wrong, in words
 DETAILS = {
     0: "",

@@ -227,18 +227,13 @@ def replay(cfg: ReplayConfig, kinds=CACHE_KINDS, *, progress: bool = True) -> di
         engine = make_engine(cfg, kind)
         try:
             warm_up(engine, cfg.warmup_requests)
-            _reset_counters(engine)
+            engine.reset_counters()
             runs[kind] = run_trace(engine, reqs, prompts, label=kind, progress=progress,
                                    sample_interval_s=cfg.sample_interval_s, slos_ms=cfg.slos_ms)
         finally:
             engine.close()
     return {"config": asdict(cfg), "memory_bytes": memory_budget(cfg), "calibration": calibration,
             "workload": workloads.summarize(reqs), "runs": {k: asdict(v) for k, v in runs.items()}}
-
-
-def _reset_counters(engine: Engine) -> None:
-    engine.counters.clear()
-    engine.scheduler.num_preemptions = 0
 
 
 # ---------------------------------------------------------------- report

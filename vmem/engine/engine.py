@@ -186,6 +186,17 @@ class Engine:
         out.update({k: (int(v) if float(v).is_integer() else v) for k, v in self.counters.items()})
         return out
 
+    def reset_counters(self) -> None:
+        """Zero the step counters and the scheduler's (a benchmark measures after its warm-up)."""
+        self.counters.clear()
+        self.scheduler.reset_counters()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         for seq in list(self._seqs.values()):
             self.scheduler.finish(seq, "abort")
@@ -196,24 +207,17 @@ class Engine:
 
     def _map(self, batch, outputs: list[RequestOutput]):
         """cache.step(needs); should it still run out of memory (the scheduler asked can_allocate, so
-        only if the cache's view moved), preempt the newest scheduled sequence and retry."""
+        only if the cache's view moved), the scheduler sheds a sequence and this retries."""
         while batch.seqs:
             try:
                 self.cache.step(batch.needs)
                 return batch
             except VmemOutOfMemory:
-                logger.warning("cache.step ran out of memory after admission; preempting the newest sequence")
-                seq = max(batch.seqs, key=self.scheduler.running.index)
-                keep = [i for i, s in enumerate(batch.seqs) if s is not seq]
-                if len(self.scheduler.running) == 1:
-                    self.scheduler.finish(seq, "error")
-                    self._seqs.pop(seq.request_id, None)
-                    outputs.append(self._output(seq, []))
-                else:
-                    self.scheduler.preempt(seq)
-                batch = batch._replace(seqs=[batch.seqs[i] for i in keep],
-                                       num_new_tokens=[batch.num_new_tokens[i] for i in keep],
-                                       needs={s.slot: batch.needs[s.slot] for s in (batch.seqs[i] for i in keep)})
+                logger.warning("cache.step ran out of memory after admission; shedding the newest sequence")
+                batch, failed = self.scheduler.shed_newest(batch)
+                if failed is not None:
+                    self._seqs.pop(failed.request_id, None)
+                    outputs.append(self._output(failed, []))
         return batch
 
     def _next_needs(self, batch) -> dict[int, int]:

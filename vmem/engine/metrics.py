@@ -20,6 +20,14 @@ import numpy as np
 DEFAULT_PERCENTILES = (50, 90, 99)
 
 
+def tpot_s(e2el_s: float, ttft_s: float, num_output_tokens: int) -> float | None:
+    """vllm bench serve's TPOT: decode time per output token after the first; None below two tokens.
+    The one definition: replay metrics and the server's histogram both call it."""
+    if num_output_tokens < 2:
+        return None
+    return (e2el_s - ttft_s) / (num_output_tokens - 1)
+
+
 @dataclass
 class RequestRecord:
     """One request's timeline as a client sees it."""
@@ -43,9 +51,9 @@ class RequestRecord:
 
     @property
     def tpot(self) -> float | None:
-        if len(self.token_times) < 2:
+        if not self.token_times:
             return None
-        return (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
+        return tpot_s(self.e2el, self.ttft, len(self.token_times))
 
     @property
     def itls(self) -> list[float]:

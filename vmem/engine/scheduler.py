@@ -183,6 +183,26 @@ class Scheduler:
         batch.num_new_tokens.append(n)
         batch.needs[seq.slot] = seq.num_cached_tokens + n
 
+    def shed_newest(self, batch: ScheduledBatch) -> tuple[ScheduledBatch, Sequence | None]:
+        """The cache refused `batch` after admission (its view moved since can_allocate): preempt the
+        newest scheduled sequence, or fail it with "error" when it runs alone (nothing to wait for).
+        Returns the batch without it and the failed sequence (None when it was preempted)."""
+        seq = max(batch.seqs, key=self.running.index)
+        failed = None
+        if len(self.running) == 1:
+            self.finish(seq, "error")
+            failed = seq
+        else:
+            self.preempt(seq)
+        keep = [i for i, s in enumerate(batch.seqs) if s is not seq]
+        seqs = [batch.seqs[i] for i in keep]
+        return batch._replace(seqs=seqs, num_new_tokens=[batch.num_new_tokens[i] for i in keep],
+                              needs={s.slot: batch.needs[s.slot] for s in seqs}), failed
+
+    def reset_counters(self) -> None:
+        """Zero the scheduler's counters (benchmarks measure after a warm-up)."""
+        self.num_preemptions = 0
+
     def preempt(self, seq: Sequence) -> None:
         """Recompute preemption: drop the K/V, keep the tokens, go back to the front of the queue."""
         self.running.remove(seq)

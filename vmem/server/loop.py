@@ -15,6 +15,8 @@ import time
 from collections import deque
 from typing import Any, Callable
 
+from vmem.engine.metrics import tpot_s
+
 logger = logging.getLogger(__name__)
 
 
@@ -300,8 +302,9 @@ class ServerMetrics:
         self.num_output_tokens += num_output_tokens
         if ttft_s is not None:
             self.ttft.observe(ttft_s)
-            if num_output_tokens > 1:   # vllm bench's TPOT: decode time per token after the first
-                self.tpot.observe((e2e_s - ttft_s) / (num_output_tokens - 1))
+            tpot = tpot_s(e2e_s, ttft_s, num_output_tokens)
+            if tpot is not None:
+                self.tpot.observe(tpot)
         self.e2e.observe(e2e_s)
 
     def on_reject(self, status_code: int) -> None:
