@@ -320,12 +320,12 @@ def test_prefetch_whose_map_submit_fails_settles_its_queued_unmap(monkeypatch, n
         def no_memory(*args, **kwargs):
             raise VmemOutOfMemory("submit: no memory for the job", op="submit")
 
-        monkeypatch.setattr(c._mapper, "submit", no_memory)
+        monkeypatch.setattr(c._prefetcher.mapper, "submit", no_memory)
         c.reservation.inject_fault(nth)
         with pytest.raises(VmemOutOfMemory):
             c.prefetch({a: 96})
         c.reservation.inject_fault(0)
-        assert c._mapper.pending == 0 and not c._mapper._jobs   # every ticket waited
+        assert c._prefetcher.mapper.pending == 0 and not c._prefetcher.mapper._jobs   # every ticket waited
         c.check_integrity()
         if nth:
             assert snapshot(c) == before                       # the failed unmap left the idle slot whole

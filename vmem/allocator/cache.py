@@ -29,26 +29,33 @@ Limitations: pages shared between slots (reference counts > 1) are never counted
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 
 from vmem.allocator.base import SlotCache
-from vmem.allocator.page_table import UNMAPPED, PageTable, place_pages
+from vmem.allocator.mapping import RECLAIM_MODES, PageMapper, check_reclaim_mode, synchronize_for_unmap
+from vmem.allocator.page_table import UNMAPPED
+from vmem.allocator.planning import ColumnPlanner, Growth, Reclaim
 from vmem.allocator.policy import RECLAIM_POLICIES, ReclaimPolicy, SlotPolicy
+from vmem.allocator.prefetch import Prefetch, Prefetcher
 from vmem.allocator.spec import KVCacheSpec
 from vmem.allocator.stats import CacheStats
 from vmem.errors import VmemError, VmemIntegrityError, VmemInvalidArgument, VmemOutOfMemory, VmemSlotError
 
 logger = logging.getLogger(__name__)
 
-RECLAIM_MODES = ("deferred", "eager")
+__all__ = ["RECLAIM_MODES", "VirtualKVCache"]
 
 
 class VirtualKVCache(SlotCache):
     """KV cache over virtual memory (host memfd/mmap or CUDA VMM), see the module docstring.
+
+    The parts: ``_pages`` (mapping.PageMapper: reservation, pool, page table, the native calls),
+    ``_cols`` (planning.ColumnPlanner: columns per slot and the pure planning), ``_prefetcher``
+    (prefetch.Prefetcher, async only). Every change of mapped pages goes through one apply/undo pair
+    per record: ``_apply_growth`` / ``_undo_growth`` and ``_apply_reclaim`` / ``_undo_reclaim``.
 
     Invariants (``check_integrity()`` verifies them; tests call it after every operation):
       1. the page table is consistent: reference counts equal the virtual pages mapping each pool page,
@@ -69,9 +76,7 @@ class VirtualKVCache(SlotCache):
     def __init__(self, spec: KVCacheSpec, *, memory_bytes: int | None = None, backend="auto", device=None,
                  reclaim: str = "deferred", async_map: bool = False, reclaim_policy: str | ReclaimPolicy = "lru"):
         super().__init__(spec, spec.max_batch, None)
-        if reclaim not in RECLAIM_MODES:
-            raise VmemInvalidArgument("reclaim must be one of %s, got %r" % (RECLAIM_MODES, reclaim))
-        self.reclaim = reclaim
+        self.reclaim = check_reclaim_mode(reclaim)
         if isinstance(reclaim_policy, str):
             if reclaim_policy not in RECLAIM_POLICIES:
                 raise VmemInvalidArgument("reclaim_policy must be one of %s" % sorted(RECLAIM_POLICIES))
@@ -113,21 +118,13 @@ class VirtualKVCache(SlotCache):
         spec = self.spec
         self._planes = [self._reservation.tensor(spec.dtype, spec.plane_shape, offset_bytes=spec.plane_offset_bytes(p))
                         for p in range(spec.num_planes)]
-        self._table = PageTable(spec.num_virtual_pages, pool_pages)
-        if self._pool.info()["backed_pages"] == pool_pages:
-            # memory held from creation (cuda: every handle is created with the pool; host: a hugetlb memfd
-            # is fallocated whole): resident until trimmed, as the backend reports it
-            self._table.resident[:] = True
-        self._columns = np.zeros(spec.max_batch, dtype=np.int64)
-        self._inherited = np.zeros(spec.max_batch, dtype=np.int64)   # columns a request found in its slot
-        self._shared = np.zeros(spec.max_batch, dtype=np.int64)      # leading columns shared with another slot
-        self._reclaimed = None    # ({slot: (columns, inherited)} before, virt, phys) taken during the current step
-        self._freed_at = np.zeros(spec.max_batch, dtype=np.int64)
-        self._clock = 0
-        self._mapper = self._backend.async_mapper() if async_map else None
-        self._pending = None      # (ticket, virt, phys, slots, columns before) of a prefetch in flight
-        self._eager_leftovers = set()   # eager mode: free slots whose unmap failed (pages kept, reclaimable)
         self._counters.update(prefetch_pages=0, prefetch_failures=0, async_wait_seconds=0.0, trimmed_pages=0)
+        self._pages = PageMapper(self._backend, self._reservation, self._pool, pool_pages, self._counters)
+        self._table = self._pages.table
+        self._cols = ColumnPlanner(spec, self._live, self._lengths, self.reclaim_policy)
+        self._clock = 0
+        self._prefetcher = Prefetcher(self._backend.async_mapper(), self._pages) if async_map else None
+        self._eager_leftovers = set()   # eager mode: free slots whose unmap failed (pages kept, reclaimable)
 
     # ---- views ----------------------------------------------------------------------------
     @property
@@ -164,159 +161,91 @@ class VirtualKVCache(SlotCache):
     @property
     def num_free_slots(self) -> int:
         """Free slots a request can get (a freed slot still holding shared pages waits for their unmap)."""
-        return int(np.count_nonzero(~self._live & (self._shared == 0)))
+        return int(np.count_nonzero(~self._live & (self._cols.shared == 0)))
 
     def alloc_slot(self, num_tokens: int | None = None) -> int:
-        if self._shared.any() and not self.num_free_slots:
+        if self._cols.shared.any() and not self.num_free_slots:
             self.reclaim_idle()               # retry unmapping shared pages left in freed slots
         slot = super().alloc_slot(num_tokens)
-        self._inherited[slot] = self._columns[slot]
+        self._cols.inherited[slot] = self._cols.columns[slot]
         return slot
 
     def _choose_slot(self, free: np.ndarray, num_tokens: int | None) -> int:
-        free = free[self._shared[free] == 0]
+        free = free[self._cols.shared[free] == 0]
         if not free.size:
             raise VmemSlotError("every free slot still holds shared pages whose unmap failed")
         needed = None if num_tokens is None else self.spec.row_pages_for_tokens(num_tokens)
-        return self.slot_policy.choose(free, self._columns, needed)
+        return self.slot_policy.choose(free, self._cols.columns, needed)
 
     def _release_slot(self, slot: int) -> None:
         self._settle()
         self._clock += 1
-        self._freed_at[slot] = self._clock
+        self._cols.freed_at[slot] = self._clock
         self._eager_leftovers.discard(slot)
-        if self._shared[slot]:
+        if self._cols.shared[slot]:
             # The next request in this slot would write over pages another request reads: unmap now.
             try:
                 self._shrink({slot: 0}, trim=True)
             except VmemError as exc:   # the slot waits (num_free_slots skips it) until an unmap succeeds
                 logger.warning("unmap of shared pages of slot %d failed (%s); retried later", slot, exc)
             return
-        if self.reclaim == "eager" and self._columns[slot]:
+        if self.reclaim == "eager" and self._cols.columns[slot]:
             try:
                 self._shrink({slot: 0}, trim=True)
             except VmemError as exc:   # e.g. the mapping budget: keep the pages as deferred, lose nothing
                 self._eager_leftovers.add(slot)
                 logger.warning("eager unmap of slot %d failed (%s); its pages stay mapped until reclaimed", slot, exc)
 
-    # ---- planning (pure) ------------------------------------------------------------------
-    def _growth(self, slots: np.ndarray, tokens: np.ndarray):
-        """(slots that grow, their columns now, columns wanted) for needs."""
-        target = self.spec.row_pages_for_tokens_array(tokens)
-        current = self._columns[slots]
-        grows = target > current
-        return slots[grows], current[grows], target[grows]
-
-    def _protected_columns(self, slots=None, tokens=None) -> np.ndarray:
-        """[max_batch] int64: columns each slot must keep: those covering a live slot's length, or the
-        tokens a pending step(needs) asks for, and shared columns; every other mapped column is reclaimable
-        (and its pages have no other reference, so reclaiming it frees exactly its pages)."""
-        protected = np.where(self._live, self.spec.row_pages_for_tokens_array(self._lengths), 0)
-        protected = np.maximum(protected, self._shared)
-        if slots is not None and slots.size:
-            protected[slots] = np.maximum(protected[slots], self.spec.row_pages_for_tokens_array(tokens))
-        return protected
-
-    def _reclaimable_pages(self, protected: np.ndarray | None = None) -> int:
-        protected = self._protected_columns() if protected is None else protected
-        return int(np.maximum(self._columns - protected, 0).sum()) * self.spec.rows_per_slot
-
+    # ---- planning (pure; planning.py) ---------------------------------------------------------
     def pages_needed(self, needs: Mapping[int, int]) -> int:
         """Pool pages step(needs) would map (pages already mapped in the slots count as there)."""
         slots, tokens = self._parse_needs(needs)
-        _, current, target = self._growth(slots, tokens)
-        return int((target - current).sum()) * self.spec.rows_per_slot
+        return self._cols.pages_to_map(slots, tokens)
 
     def can_allocate(self, needs: Mapping[int, int]) -> bool:
         """Whether step(needs) would succeed now: free pages plus pages it may take back (no side effects)."""
         slots, tokens = self._parse_needs(needs)
-        _, current, target = self._growth(slots, tokens)
-        needed = int((target - current).sum()) * self.spec.rows_per_slot
-        return needed <= self._table.num_free + self._reclaimable_pages(self._protected_columns(slots, tokens))
+        needed = self._cols.pages_to_map(slots, tokens)
+        return needed <= self._table.num_free + self._cols.reclaimable_pages(self._cols.protected(slots, tokens))
 
     def _available_pages(self) -> int:
-        return self._table.num_free + self._reclaimable_pages()
+        return self._table.num_free + self._cols.reclaimable_pages()
 
-    def _plan_reclaim(self, shortfall_pages: int, protected: np.ndarray) -> dict[int, int]:
-        """{slot: columns it keeps} freeing at least ``shortfall_pages`` pages.
+    # ---- the apply/undo pair of each record ----------------------------------------------------
+    # The page table half and the column half of a change, in one place. Native calls are the
+    # caller's: apply after the backend did the change (or was handed it, async), undo after the
+    # backend did not (or was made to take it back).
+    def _apply_growth(self, growth: Growth) -> None:
+        self._table.set(growth.virt, growth.phys)
+        self._cols.grow(growth)
 
-        Idle slots first, in ReclaimPolicy order; then the unused tail columns of live slots (a request
-        that inherited a longer one's pages in a deferred slot), largest tail first. Tail columns go first.
-        """
-        rows = self.spec.rows_per_slot
-        idle = np.flatnonzero(~self._live & (self._columns > 0))
-        excess = np.maximum(self._columns - protected, 0)
-        live = np.flatnonzero(self._live & (excess > 0))
-        order = self.reclaim_policy.order(idle, self._columns, self._freed_at)
-        order += [int(s) for s in live[np.argsort(-excess[live], kind="stable")]]
-        shrink = {}
-        for slot in order:
-            if shortfall_pages <= 0:
-                break
-            take = min(int(excess[slot]), -(-shortfall_pages // rows))
-            shrink[slot] = int(self._columns[slot]) - take
-            shortfall_pages -= take * rows
-        return shrink
+    def _undo_growth(self, growth: Growth) -> None:
+        self._table.clear(growth.virt)
+        self._cols.ungrow(growth)
+        self._pages.trim_unreferenced()
 
-    def _place(self, g_slots, g_from, g_to) -> tuple[np.ndarray, np.ndarray]:
-        """Virtual and physical pages for growing slots: ([n] int64, [n] int64), row after row."""
-        spec = self.spec
-        virt, lasts, counts = [], [], []
-        for slot, first, end in zip(g_slots.tolist(), g_from.tolist(), g_to.tolist()):
-            virt.append(spec.slot_virtual_pages(slot, first, end).reshape(-1))
-            starts = spec.slot_row_starts(slot)
-            lasts.append(self._table.phys[starts + first - 1].astype(np.int64) if first
-                         else np.full(starts.shape, -1, dtype=np.int64))
-            counts.append(np.full(starts.shape, end - first, dtype=np.int64))
-        free = self._table.refcount == 0
-        phys = place_pages(free, np.concatenate(lasts), np.concatenate(counts))
-        return np.concatenate(virt), phys
+    def _apply_reclaim(self, reclaim: Reclaim) -> np.ndarray:
+        """Returns the pool pages the reclaim released (no other reference)."""
+        released = self._table.clear(reclaim.virt)
+        self._cols.shrink(reclaim.keep)
+        return released
 
-    # ---- native calls ---------------------------------------------------------------------
-    def _map(self, virt: np.ndarray, phys: np.ndarray) -> None:
-        t0 = time.perf_counter()
-        self._reservation.map(virt, self._pool, phys)
-        c = self._counters
-        c["map_seconds"] += time.perf_counter() - t0
-        c["map_calls"] += 1
-        c["pages_mapped"] += int(virt.size)
+    def _undo_reclaim(self, reclaim: Reclaim) -> None:
+        self._table.set(reclaim.virt, reclaim.phys)
+        self._cols.restore(reclaim.before)
 
-    def _unmap(self, virt: np.ndarray) -> None:
-        if self.device.type == "cuda":      # never pull pages from under a kernel still reading them
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        self._reservation.unmap(virt)
-        c = self._counters
-        c["unmap_seconds"] += time.perf_counter() - t0
-        c["unmap_calls"] += 1
-        c["pages_unmapped"] += int(virt.size)
-
-    def _trim(self, phys: np.ndarray) -> None:
-        """Host: punch the pages out of the memfd. CUDA keeps its pooled handles (creating one costs
-        ~130 maps), so memory stays with the pool until close()."""
-        if phys.size and self._backend.name == "host":
-            self._pool.trim(phys)
-            self._table.resident[phys] = False
-            self._counters["trimmed_pages"] += int(phys.size)
-
-    def _shrink(self, keep: Mapping[int, int], *, trim: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Unmap columns [keep[s], columns[s]) of slots in one call. Returns (virt, their phys)."""
-        virt = [self.spec.slot_virtual_pages(s, k, int(self._columns[s])).reshape(-1) for s, k in keep.items()]
-        virt = np.concatenate(virt) if virt else np.zeros(0, dtype=np.int64)
-        if not virt.size:
-            return virt, virt
-        phys = self._table.phys[virt].astype(np.int64)
-        self._unmap(virt)
-        released = self._table.clear(virt)
-        for s, k in keep.items():
-            self._columns[s] = k
-            self._inherited[s] = min(int(self._inherited[s]), k)
-            self._shared[s] = min(int(self._shared[s]), k)
+    # ---- synchronous changes ------------------------------------------------------------------
+    def _shrink(self, keep: Mapping[int, int], *, trim: bool) -> Reclaim:
+        """Unmap columns [keep[s], columns[s]) of slots in one call. Returns the record."""
+        reclaim = self._cols.reclaim(dict(keep), self._table)
+        if not reclaim.num_pages:
+            return reclaim
+        self._pages.native_unmap(reclaim.virt)
+        released = self._apply_reclaim(reclaim)
         if trim:
-            self._trim(released)
-        return virt, phys
+            self._pages.trim(released)
+        return reclaim
 
-    # ---- step -----------------------------------------------------------------------------
     def step(self, needs: Mapping[int, int]) -> None:
         """Make tokens [0, needs[slot]) of every slot writable, in one native map call.
 
@@ -326,71 +255,49 @@ class VirtualKVCache(SlotCache):
         """
         slots, tokens = self._parse_needs(needs)
         self._settle()
-        if self._shared[slots].any():
+        if self._cols.shared[slots].any():
             self._check_shared_lengths(slots, tokens)
-        g_slots, g_from, g_to = self._growth(slots, tokens)
-        rows = self.spec.rows_per_slot
-        needed = int((g_to - g_from).sum()) * rows
-        # pages this step finds already mapped, left in the slot by an earlier request (deferred reuse)
-        inherited = self._inherited[slots]
-        had = np.minimum(self.spec.row_pages_for_tokens_array(self._lengths[slots]), inherited)
-        reused = int(np.maximum(np.minimum(self.spec.row_pages_for_tokens_array(tokens), inherited) - had,
-                                0).sum()) * rows
+        needed = self._cols.pages_to_map(slots, tokens)
+        reused = self._cols.reused_pages(slots, tokens)
         free = self._table.num_free
+        reclaim = None
         if needed > free:
-            protected = self._protected_columns(slots, tokens)
-            available = free + self._reclaimable_pages(protected)
+            protected = self._cols.protected(slots, tokens)
+            available = free + self._cols.reclaimable_pages(protected)
             if needed > available:
                 raise VmemOutOfMemory("vmem.step: %d pages needed, %d free or reclaimable" % (needed, available),
                                       needed_pages=needed, free_pages=available, op="vmem.step")
-            self._reclaim_for(needed - free, protected)
+            reclaim = self._shrink(self._cols.plan_reclaim(needed - free, protected), trim=False)
+            self._counters["reclaimed_pages"] += reclaim.num_pages
+            logger.debug("reclaimed %d pages from %d idle slots", reclaim.num_pages, len(reclaim.keep))
         if needed:
-            virt, phys = self._place(g_slots, g_from, g_to)
+            growth = self._cols.plan_growth(slots, tokens, self._table)
             try:
-                self._map(virt, phys)
+                self._pages.map(growth.virt, growth.phys)
             except BaseException:
-                self._after_failed_map(phys)
+                self._after_failed_map(growth, reclaim)
                 raise
-            self._table.set(virt, phys)
-            self._columns[g_slots] = g_to
-        self._reclaimed = None
+            self._cols.grow(growth)
         self._counters["reused_pages"] += reused
         self._record_lengths(slots, tokens)
-        self._note_used(self._table.num_used - self._reclaimable_pages())
+        self._note_used(self._table.num_used - self._cols.reclaimable_pages())
 
-    def _reclaim_for(self, shortfall_pages: int, protected: np.ndarray) -> None:
-        keep = self._plan_reclaim(shortfall_pages, protected)
-        before = {s: (int(self._columns[s]), int(self._inherited[s])) for s in keep}
-        virt, phys = self._shrink(keep, trim=False)
-        self._counters["reclaimed_pages"] += int(virt.size)
-        self._reclaimed = (before, virt, phys)
-        logger.debug("reclaimed %d pages from %d idle slots", virt.size, len(keep))
-
-    def _after_failed_map(self, attempted: np.ndarray) -> None:
+    def _after_failed_map(self, growth: Growth, reclaim: Reclaim | None) -> None:
         """The native map rolled back, but pages it populated before failing may still hold memory:
         trim them; then give idle slots their reclaimed pages back (or, if that fails too, trim those)."""
-        reclaimed = self._reclaimed[2] if self._reclaimed is not None else np.zeros(0, dtype=np.int64)
+        reclaimed = reclaim.phys if reclaim is not None else np.zeros(0, dtype=np.int64)
         try:
-            self._trim(np.setdiff1d(attempted, reclaimed))
+            self._pages.trim(np.setdiff1d(growth.phys, reclaimed))
         except VmemError as exc:
             logger.warning("trim after a failed map failed: %s", exc)
-        if self._reclaimed is None:
+        if reclaim is None or not reclaim.num_pages:
             return
-        before, virt, phys = self._reclaimed
-        self._reclaimed = None
         try:
-            self._map(virt, phys)
+            self._pages.native_map(reclaim.virt, reclaim.phys)
         except VmemError:
-            self._trim(np.unique(phys))
+            self._pages.trim(np.unique(reclaim.phys))
             return
-        self._table.set(virt, phys)
-        self._restore_columns(before)
-
-    def _restore_columns(self, before: dict[int, tuple[int, int]]) -> None:
-        """Undo a reclaim: slot -> (columns, inherited columns) as they were before it."""
-        for s, (cols, inherited) in before.items():
-            self._columns[s] = cols
-            self._inherited[s] = inherited
+        self._undo_reclaim(reclaim)
 
     # ---- prefix sharing ---------------------------------------------------------------------
     def share_prefix(self, src_slot: int, dst_slot: int, num_tokens: int) -> int:
@@ -424,22 +331,22 @@ class VirtualKVCache(SlotCache):
         k = num_tokens // int(spec.tokens_per_page)
         if k == 0:
             return 0
-        if self._columns[dst]:
+        cols = self._cols
+        if cols.columns[dst]:
             self._shrink({dst: 0}, trim=True)          # pages dst inherited make way for the shared ones
         virt = spec.slot_virtual_pages(dst, 0, k).reshape(-1)
         phys = self._table.phys[spec.slot_virtual_pages(src, 0, k).reshape(-1)].astype(np.int64)
-        self._map(virt, phys)
-        self._table.set(virt, phys)
-        self._columns[dst] = k
-        self._inherited[dst] = 0
-        self._shared[src] = max(int(self._shared[src]), k)
-        self._shared[dst] = k
+        self._pages.map(virt, phys)
+        cols.columns[dst] = k
+        cols.inherited[dst] = 0
+        cols.shared[src] = max(int(cols.shared[src]), k)
+        cols.shared[dst] = k
         shared_tokens = k * int(spec.tokens_per_page)
         self._record_lengths(np.array([dst]), np.array([shared_tokens]))
         return shared_tokens
 
     def _check_shared_lengths(self, slots: np.ndarray, tokens: np.ndarray) -> None:
-        floor = self._shared[slots] * int(self.spec.tokens_per_page)
+        floor = self._cols.shared[slots] * int(self.spec.tokens_per_page)
         if np.any(tokens < floor):
             bad = int(np.flatnonzero(tokens < floor)[0])
             raise VmemInvalidArgument("slot %d shares its first %d tokens with another request; it cannot "
@@ -450,12 +357,13 @@ class VirtualKVCache(SlotCache):
         and return the memory to the OS. Returns the pages released."""
         self._check_open()
         self._settle()
-        protected = self._protected_columns()
+        cols = self._cols
+        protected = cols.protected()
         protected[~self._live] = 0             # freed slots whose shared pages could not be unmapped: retry
-        keep = {int(s): int(protected[s]) for s in np.flatnonzero(self._columns > protected)}
-        virt, _ = self._shrink(keep, trim=True)
-        self._counters["reclaimed_pages"] += int(virt.size)
-        return int(virt.size)
+        keep = {int(s): int(protected[s]) for s in np.flatnonzero(cols.columns > protected)}
+        reclaim = self._shrink(keep, trim=True)
+        self._counters["reclaimed_pages"] += reclaim.num_pages
+        return reclaim.num_pages
 
     # ---- async ----------------------------------------------------------------------------
     def prefetch(self, needs: Mapping[int, int]) -> None:
@@ -467,56 +375,35 @@ class VirtualKVCache(SlotCache):
         raise VmemOutOfMemory), or the cache is synchronous, this does nothing.
         """
         slots, tokens = self._parse_needs(needs)
-        if self._mapper is None:
+        if self._prefetcher is None:
             return
         self._settle()
-        g_slots, g_from, g_to = self._growth(slots, tokens)
-        needed = int((g_to - g_from).sum()) * self.spec.rows_per_slot
+        cols = self._cols
+        needed = cols.pages_to_map(slots, tokens)
         free = self._table.num_free
         if not needed:
             return
-        reclaim = None
+        reclaim = uticket = None
         if needed > free:
-            protected = self._protected_columns(slots, tokens)
-            if self.device.type == "cuda" or needed > free + self._reclaimable_pages(protected):
+            protected = cols.protected(slots, tokens)
+            if self.device.type == "cuda" or needed > free + cols.reclaimable_pages(protected):
                 return
-            keep = self._plan_reclaim(needed - free, protected)
-            before = {s: (int(self._columns[s]), int(self._inherited[s])) for s in keep}
-            rvirt = np.concatenate([self.spec.slot_virtual_pages(s, k, before[s][0]).reshape(-1)
-                                    for s, k in keep.items()])
-            rphys = self._table.phys[rvirt].astype(np.int64)
-            uticket = self._mapper.submit_unmap(self._reservation, rvirt)
-            self._table.clear(rvirt)
-            for s, k in keep.items():
-                self._columns[s] = k
-                self._inherited[s] = min(int(self._inherited[s]), k)
-            reclaim = (uticket, before, rvirt, rphys)
-            self._counters["reclaimed_pages"] += int(rvirt.size)
-        virt, phys = self._place(g_slots, g_from, g_to)
+            reclaim = cols.reclaim(cols.plan_reclaim(needed - free, protected), self._table)
+            uticket = self._prefetcher.submit_unmap(reclaim)
+            self._apply_reclaim(reclaim)
+            self._counters["reclaimed_pages"] += reclaim.num_pages
+        growth = cols.plan_growth(slots, tokens, self._table)
         try:
-            ticket = self._mapper.submit(self._reservation, virt, self._pool, phys)
+            ticket = self._prefetcher.submit_map(growth)
         except BaseException:
             if reclaim is not None:            # the unmap is queued: settle it now, keep or undo its plan
-                self._settle_reclaim(reclaim)
+                if self._prefetcher.wait_unmap(uticket, reclaim) is not None:
+                    logger.warning("prefetch unmap failed; the slots keep their pages")
+                    self._undo_reclaim(reclaim)
             raise
-        self._table.set(virt, phys)
-        self._pending = (ticket, virt, phys, g_slots, g_from, reclaim)
-        self._columns[g_slots] = g_to
-        self._counters["prefetch_pages"] += int(virt.size)
-
-    def _settle_reclaim(self, reclaim) -> None:
-        """Wait for a prefetch's unmap job alone (its map job was never queued): keep the reclaim if it ran,
-        else give the slots their pages back in the page table (the native call rolled back)."""
-        uticket, before, rvirt, rphys = reclaim
-        try:
-            self._mapper.wait(uticket)
-        except VmemError as exc:
-            logger.warning("prefetch unmap failed (%s); the slots keep their pages", exc)
-            self._table.set(rvirt, rphys)
-            self._restore_columns(before)
-            return
-        self._counters["unmap_calls"] += 1
-        self._counters["pages_unmapped"] += int(rvirt.size)
+        self._apply_growth(growth)
+        self._prefetcher.pending = Prefetch(ticket, growth, uticket, reclaim)
+        self._counters["prefetch_pages"] += growth.num_pages
 
     def _settle(self) -> None:
         """Wait for a prefetch in flight (only blocks if the worker is behind); undo what failed.
@@ -525,51 +412,29 @@ class VirtualKVCache(SlotCache):
         undone here, including the map job if it went through (unmapped again, synchronously). Map job
         failed: its pages go back to the pool (trimmed); the reclaim, if any, stands.
         """
-        if self._pending is None:
+        if self._prefetcher is None:
             return
-        ticket, virt, phys, g_slots, g_from, reclaim = self._pending
-        self._pending = None
-        t0 = time.perf_counter()
-        unmap_error = map_error = None
-        try:
-            if reclaim is not None:
-                try:
-                    self._mapper.wait(reclaim[0])
-                    self._counters["unmap_calls"] += 1
-                    self._counters["pages_unmapped"] += int(reclaim[2].size)
-                except VmemError as exc:
-                    unmap_error = exc
-            try:
-                self._mapper.wait(ticket)
-            except VmemError as exc:
-                map_error = exc
-        finally:
-            self._counters["async_wait_seconds"] += time.perf_counter() - t0
-        if map_error is None and unmap_error is None:
-            self._counters["map_calls"] += 1
-            self._counters["pages_mapped"] += int(virt.size)
+        settled = self._prefetcher.settle()
+        if settled is None or settled.ok:
             return
+        growth, reclaim = settled.prefetch.growth, settled.prefetch.reclaim
         self._counters["prefetch_failures"] += 1
-        logger.warning("prefetch of %d pages failed (%s); step() will map them", virt.size, unmap_error or map_error)
-        if map_error is None:                  # mapped over pages the idle slots still hold: take it back
+        logger.warning("prefetch of %d pages failed (%s); step() will map them", growth.num_pages,
+                       settled.unmap_error or settled.map_error)
+        if settled.map_error is None:          # mapped over pages the idle slots still hold: take it back
             try:
-                self._unmap(virt)
+                self._pages.native_unmap(growth.virt)
             except VmemError as exc:           # keep the aliases, counted: the page table says what is mapped
                 logger.warning("could not undo a prefetch after its unmap failed (%s)", exc)
-                if unmap_error is not None:
-                    self._table.set(reclaim[2], reclaim[3])
-                    self._restore_columns(reclaim[1])
+                self._undo_reclaim(reclaim)
                 return
-        self._table.clear(virt)
-        self._columns[g_slots] = g_from
-        if unmap_error is not None:
-            self._table.set(reclaim[2], reclaim[3])
-            self._restore_columns(reclaim[1])
-        self._trim(np.flatnonzero((self._table.refcount == 0) & self._table.resident))
+        if settled.unmap_error is not None:    # first: the idle slots' pages are mapped, keep them from the trim
+            self._undo_reclaim(reclaim)
+        self._undo_growth(growth)
 
     # ---- statistics and checks --------------------------------------------------------------
     def stats(self) -> CacheStats:
-        reclaimable = self._reclaimable_pages()
+        reclaimable = self._cols.reclaimable_pages()
         used = self._table.num_used - reclaimable          # physical pages: a shared page counts once
         return self._stats(page_bytes=self.spec.page_bytes, total_pages=self.num_pool_pages, used_pages=used,
                            reclaimable_pages=reclaimable, os_mappings=int(self._reservation.num_mappings))
@@ -583,30 +448,30 @@ class VirtualKVCache(SlotCache):
         """Verify the invariants of the class docstring; raise VmemIntegrityError listing what is wrong."""
         self._check_open()
         self._settle()
-        spec, table = self.spec, self._table
-        problems = table.check()
+        spec, table, cols = self.spec, self._table, self._cols
+        problems = self._pages.check()
         shape = (spec.num_planes, spec.max_batch, spec.rows_per_plane, spec.pages_per_row)
         mapped = (table.phys != UNMAPPED).reshape(shape)
-        expected = np.arange(spec.pages_per_row)[None, None, None, :] < self._columns[None, :, None, None]
+        expected = np.arange(spec.pages_per_row)[None, None, None, :] < cols.columns[None, :, None, None]
         wrong = mapped != expected
         if wrong.any():
             bad = np.flatnonzero(wrong.any(axis=(0, 2, 3)))
             problems.append("slots %s: mapped pages are not the first columns[s] pages of each row" % bad.tolist())
         needed = spec.row_pages_for_tokens_array(self._lengths)
-        short = np.flatnonzero(self._live & (self._columns < needed))
+        short = np.flatnonzero(self._live & (cols.columns < needed))
         if short.size:
             problems.append("live slots %s have fewer mapped columns than their lengths need" % short.tolist())
         if np.any(self._lengths[~self._live]):
             problems.append("a free slot has a length")
         if self.reclaim == "eager":
-            left = set(np.flatnonzero(~self._live & (self._columns > 0)).tolist()) - self._eager_leftovers
+            left = set(np.flatnonzero(~self._live & (cols.columns > 0)).tolist()) - self._eager_leftovers
             if left:
                 problems.append("eager reclamation left pages in free slots %s" % sorted(left))
         shared_pages = np.flatnonzero(table.refcount > 1)
         if shared_pages.size:
             refs = np.isin(table.phys, shared_pages).reshape(shape)
             outside = refs & (np.arange(spec.pages_per_row)[None, None, None, :]
-                              >= self._shared[None, :, None, None])
+                              >= cols.shared[None, :, None, None])
             if outside.any():
                 problems.append("pages with several references outside the shared columns of slots %s"
                                 % np.flatnonzero(outside.any(axis=(0, 2, 3))).tolist())
@@ -615,27 +480,8 @@ class VirtualKVCache(SlotCache):
             problems.append("used %d + reclaimable %d + free %d != %d pages, or mapped %d != page table %d"
                             % (s.used_pages, s.reclaimable_pages, s.free_pages, s.total_pages, s.mapped_pages,
                                table.num_used))
-        problems += self._check_backend()
         if problems:
             raise VmemIntegrityError("; ".join(problems))
-
-    def _check_backend(self) -> list[str]:
-        problems = []
-        table = self._table
-        theirs = self._reservation.mapping(0, table.phys.size)
-        if not np.array_equal(theirs, table.phys.astype(np.int64)):
-            bad = np.flatnonzero(theirs != table.phys)[:5]
-            problems.append("the backend's table differs at virtual pages %s" % bad.tolist())
-        runs = table.expected_mappings(coalesce_phys=self._backend.name == "host")
-        if int(self._reservation.num_mappings) != runs:
-            problems.append("the backend holds %d mappings, the page table implies %d"
-                            % (self._reservation.num_mappings, runs))
-        resident = self._pool.resident_bytes()
-        if resident is not None and resident >= 0:
-            ours = int(np.count_nonzero(table.resident)) * self.spec.page_bytes
-            if resident != ours:
-                problems.append("the OS backs %d bytes of the pool, the page table says %d" % (resident, ours))
-        return problems
 
     def close(self) -> None:
         """Wait for the worker, unmap everything and release the reservation and the pool."""
@@ -645,11 +491,10 @@ class VirtualKVCache(SlotCache):
             self._settle()
         finally:
             self._closed = True
-            if self._mapper is not None:
-                self._mapper.close()
+            if self._prefetcher is not None:
+                self._prefetcher.close()
             try:
-                if self.device.type == "cuda":    # releasing unmaps every page: no kernel may still read one
-                    torch.cuda.synchronize(self.device)
+                synchronize_for_unmap(self.device)   # releasing unmaps every page: no kernel may still read one
             finally:
                 self._planes = []
                 self._reservation.close()

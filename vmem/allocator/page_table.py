@@ -71,6 +71,17 @@ class PageTable:
         self.num_mapped_virtual -= int(virt.size)
         return released
 
+    def rebuild(self, phys: np.ndarray) -> None:
+        """Take ``phys`` ([num_virtual_pages] int64, -1 unmapped: the backend's own table) as the truth and
+        recount everything from it; referenced pages become resident (the others keep their flag)."""
+        phys = np.asarray(phys, dtype=np.int64)
+        mapped = phys[phys != UNMAPPED]
+        self.phys[:] = phys
+        self.refcount[:] = np.bincount(mapped, minlength=self.num_pool_pages)[:self.num_pool_pages]
+        self.num_used = int(np.count_nonzero(self.refcount))
+        self.num_mapped_virtual = int(mapped.size)
+        self.resident |= self.refcount > 0
+
     def lookup(self, virt: np.ndarray) -> np.ndarray:
         return self.phys[virt]
 
