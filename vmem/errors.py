@@ -23,6 +23,13 @@ DETAILS = {
     10: "size beyond what the address space or pool may hold",
     11: "pool would grow beyond max_pages",
     12: "failure injected for testing",
+    13: "the shared KV budget has no room",
+    14: "not a vmem budget segment of this version",
+    15: "the new limit is below what tenants hold (plus unmet guaranteed minimums)",
+    16: "the budget's lock was not acquired in time (VMEM_BUDGET_LOCK_MS)",
+    17: "every lease slot of the budget is taken",
+    18: "the lease belongs to another process (opened before fork)",
+    19: "the lease record is gone (closed, or recovered as stale)",
 }
 
 

@@ -10,7 +10,7 @@ import re
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-SOURCES = ["core.c", "map.c", "pool.c", "host.c", "cuda.c", "worker.c", "attn_cpu.c", "attn_cpu_x86.c"]
+SOURCES = ["core.c", "map.c", "pool.c", "host.c", "cuda.c", "worker.c", "budget.c", "attn_cpu.c", "attn_cpu_x86.c"]
 # vmem.h: the primitive contract; vmem_attn.h: the fused CPU decode attention kernel (Note [CPU decode
 # attention] in attn_cpu.c). Both are the cdef as well as the C declarations.
 HEADERS = ["vmem.h", "vmem_attn.h"]

@@ -309,9 +309,40 @@ static int create_handles(vmem_pool_t *p, int64_t from, int64_t to, vmem_err_t *
     return VMEM_OK;
 }
 
+/* Create handles for the listed pages that have none (each once), batched under one context entry; on
+ * failure release what this call created. pre: p->lock held; arrays and handle array hold every phys. */
+static int create_handle_list(vmem_pool_t *p, const int64_t *phys, int64_t n, vmem_err_t *err)
+{
+    cuda_priv_t *pv = p->b->priv;
+    int64_t *made, i, k = 0;
+    CUresult r = CUDA_SUCCESS;
+    if (!(made = malloc((size_t)(n ? n : 1) * sizeof(int64_t)))) return _vmem_fail(err, VMEM_ERR_OOM, VMEM_DETAIL_NONE, -1);
+    for (i = 0; i < n && r == CUDA_SUCCESS; i++) {
+        if (p->backed[phys[i]]) continue;
+        if ((r = cu.cuMemCreate(&handles(p)[phys[i]], (size_t)p->page_bytes, &pv->prop, 0)) == CUDA_SUCCESS) {
+            p->backed[phys[i]] = 1;
+            made[k++] = phys[i];
+        }
+    }
+    if (r != CUDA_SUCCESS) {
+        for (i = k - 1; i >= 0; i--) {
+            cu.cuMemRelease(handles(p)[made[i]]);
+            p->backed[made[i]] = 0;
+        }
+        free(made);
+        cu_fail(err, r);
+        if (err) err->needed = n, err->available = k;
+        return cu_status(r);
+    }
+    p->backed_pages += k;
+    free(made);
+    return VMEM_OK;
+}
+
+/* Elastic pools (a budget lease) start with no handle: the map that first needs a page creates it. */
 static int cuda_pool_open(vmem_pool_t *p, vmem_err_t *err)
 {
-    int rc = create_handles(p, 0, p->num_pages, err);
+    int rc = create_handles(p, 0, p->lease ? 0 : p->num_pages, err);
     if (rc != VMEM_OK) {
         free(p->priv);
         p->priv = NULL;
@@ -322,6 +353,7 @@ static int cuda_pool_open(vmem_pool_t *p, vmem_err_t *err)
 /* pre: p->lock held. */
 static int cuda_pool_grow(vmem_pool_t *p, int64_t new_num_pages, vmem_err_t *err)
 {
+    if (p->lease) return create_handles(p, new_num_pages, new_num_pages, err);  /* room for handles only */
     return create_handles(p, p->num_pages, new_num_pages, err);
 }
 
@@ -370,11 +402,10 @@ static int cuda_map_run(vmem_resv_t *r, int64_t virt, vmem_pool_t *p, const int6
      * and vmem_pool_close on another thread must not cuMemRelease a handle before cuMemMap took it */
     pthread_mutex_lock(&p->lock);
     if (p->closed || !p->priv) rc = _vmem_fail(err, VMEM_ERR_CLOSED, VMEM_DETAIL_NONE, -1);
-    for (i = 0; rc == VMEM_OK && i < n; i++) {
-        if (!p->backed[phys[i]]) rc = create_handles(p, phys[i], phys[i] + 1, err);
-        h[i] = handles(p)[phys[i]];
-    }
     if (rc == VMEM_OK && (res = cu_enter(r->b)) != CUDA_SUCCESS) rc = cu_fail(err, res);
+    /* pages without a handle (trimmed, or an elastic pool's first use) get one, all in one pass */
+    if (rc == VMEM_OK) rc = create_handle_list(p, phys, n, err);
+    for (i = 0; rc == VMEM_OK && i < n; i++) h[i] = handles(p)[phys[i]];
     for (; rc == VMEM_OK && done < n; done++) {
         res = cu.cuMemMap(base + (uint64_t)done * r->page_bytes, (size_t)r->page_bytes, 0, h[done], 0);
         if (res != CUDA_SUCCESS) rc = cu_fail(err, res);

@@ -181,7 +181,7 @@ static int host_pool_open(vmem_pool_t *p, vmem_err_t *err)
 {
     const char *env = getenv("VMEM_HUGETLB");
     uint64_t bytes = (uint64_t)p->num_pages * p->page_bytes;
-    int want_huge = p->page_bytes % HUGE_2M == 0 && p->b->hugetlb_available && p->num_pages > 0 &&
+    int want_huge = p->page_bytes % HUGE_2M == 0 && p->b->hugetlb_available && p->num_pages > 0 && !p->lease &&
                     !(env && env[0] == '0');
     if (want_huge && (uint64_t)hugetlb_free_pages_2m() * HUGE_2M >= bytes) {
         int fd = memfd_create("vmem-pool-huge", MFD_CLOEXEC | MFD_HUGETLB);

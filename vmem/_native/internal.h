@@ -96,6 +96,9 @@ struct vmem_pool {
     int fd;                            /* host: the memfd */
     int hugetlb;
     void *priv;                        /* cuda: handle array */
+    vmem_lease_t *lease;               /* elastic pools: the budget lease pages are charged to, else NULL */
+    uint8_t *charged;                  /* elastic: [cap_pages] page is charged to the lease */
+    int64_t charged_pages;
 };
 
 extern const vmem_ops_t vmem_host_ops;
@@ -116,5 +119,10 @@ vmem_pool_t *_vmem_pool_of(vmem_backend_t *b, uint64_t entry);
 int64_t _vmem_phys_of(uint64_t entry);
 void _vmem_unpin_entries(vmem_backend_t *b, const uint64_t *entries, int64_t n);
 int _vmem_check_page_bytes(vmem_backend_t *b, uint64_t page_bytes, vmem_err_t *err);
+/* budget.c / pool.c: elastic pools (Note [Shared KV budget]) */
+void _vmem_lease_retain(vmem_lease_t *ls);
+void _vmem_lease_drop(vmem_lease_t *ls);
+int _vmem_pool_charge(vmem_pool_t *p, const int64_t *phys, int64_t n, vmem_err_t *err);
+void _vmem_pool_uncharge(vmem_pool_t *p, const int64_t *phys, int64_t n);
 
 #endif

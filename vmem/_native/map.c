@@ -158,6 +158,12 @@ int vmem_map(vmem_resv_t *r, vmem_pool_t *p, const int64_t *virt, const int64_t 
             if (p->mapcount[ph[i]]++ == 0) p->mapped_pages++;
             p->mappings++;
         }
+    /* elastic pools: charge the budget before any page gains memory (Note [Shared KV budget]) */
+    if (rc == VMEM_OK && p->lease && (rc = _vmem_pool_charge(p, ph, n, err)) != VMEM_OK)
+        for (i = 0; i < n; i++) {
+            if (--p->mapcount[ph[i]] == 0) p->mapped_pages--;
+            p->mappings--;
+        }
     pthread_mutex_unlock(&p->lock);
     if (rc) goto out;
     atomic_fetch_add(&p->refs, n);
@@ -207,6 +213,7 @@ int vmem_map(vmem_resv_t *r, vmem_pool_t *p, const int64_t *virt, const int64_t 
                 p->backed_pages++;
             }
         }
+        _vmem_pool_uncharge(p, ph, n);
         pthread_mutex_unlock(&p->lock);
         atomic_fetch_sub(&p->refs, n);     /* the owner's reference is still there */
         goto out;

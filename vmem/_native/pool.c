@@ -20,11 +20,48 @@ void _vmem_pool_drop(vmem_pool_t *p)
     pthread_mutex_lock(&b->lock);
     b->pools[p->id] = NULL;
     pthread_mutex_unlock(&b->lock);
+    if (p->lease) {   /* no mapping is left: every charge goes back */
+        vmem_lease_give(p->lease, p->charged_pages * (int64_t)p->page_bytes);
+        _vmem_lease_drop(p->lease);
+    }
     free(p->mapcount);
     free(p->backed);
+    free(p->charged);
     pthread_mutex_destroy(&p->lock);
     free(p);
     _vmem_backend_drop(b);
+}
+
+/* pre: p->lock held; ph[0..n) just pinned by the caller's map. Charge the lease for the pages that are
+ * not charged yet (each once, whatever the repeats), all or nothing. OOM: err->needed / available in pages. */
+int _vmem_pool_charge(vmem_pool_t *p, const int64_t *ph, int64_t n, vmem_err_t *err)
+{
+    int64_t i, k = 0;
+    int rc;
+    if (!p->lease) return VMEM_OK;
+    for (i = 0; i < n; i++)
+        if (!p->charged[ph[i]]) p->charged[ph[i]] = 2, k++;   /* 2: counted in this call */
+    rc = k ? vmem_lease_take(p->lease, k * (int64_t)p->page_bytes, err) : VMEM_OK;
+    for (i = 0; i < n; i++)
+        if (p->charged[ph[i]] == 2) p->charged[ph[i]] = rc == VMEM_OK;
+    if (rc == VMEM_OK) {
+        p->charged_pages += k;
+    } else if (err) {
+        err->needed = k;
+        err->available = err->available / (int64_t)p->page_bytes;
+    }
+    return rc;
+}
+
+/* pre: p->lock held. Give back the charge of the listed pages that hold no memory and are not pinned. */
+void _vmem_pool_uncharge(vmem_pool_t *p, const int64_t *ph, int64_t n)
+{
+    int64_t i, k = 0;
+    if (!p->lease) return;
+    for (i = 0; i < n; i++)
+        if (p->charged[ph[i]] && !p->backed[ph[i]] && !p->mapcount[ph[i]]) p->charged[ph[i]] = 0, k++;
+    p->charged_pages -= k;
+    if (k) vmem_lease_give(p->lease, k * (int64_t)p->page_bytes);
 }
 
 /* Make mapcount/backed hold at least n pages. pre: p->lock held or p private. */
@@ -42,6 +79,12 @@ static int pool_reserve_arrays(vmem_pool_t *p, int64_t n)
     bk = realloc(p->backed, (size_t)cap);
     if (!bk) return VMEM_ERR_OOM;
     p->backed = bk;
+    if (p->lease) {
+        uint8_t *ch = realloc(p->charged, (size_t)cap);
+        if (!ch) return VMEM_ERR_OOM;
+        p->charged = ch;
+        memset(p->charged + p->cap_pages, 0, (size_t)(cap - p->cap_pages));
+    }
     memset(p->mapcount + p->cap_pages, 0, (size_t)(cap - p->cap_pages) * sizeof(uint32_t));
     memset(p->backed + p->cap_pages, 0, (size_t)(cap - p->cap_pages));
     p->cap_pages = cap;
@@ -49,9 +92,9 @@ static int pool_reserve_arrays(vmem_pool_t *p, int64_t n)
 }
 
 /* pre: b, out != NULL; page_bytes a positive multiple of the granularity; 0 <= num_pages;
- *      max_pages == 0 (unbounded) or max_pages >= num_pages. */
-int vmem_pool_create(vmem_backend_t *b, uint64_t page_bytes, int64_t num_pages, int64_t max_pages,
-                     vmem_pool_t **out, vmem_err_t *err)
+ *      max_pages == 0 (unbounded) or max_pages >= num_pages. lease: NULL, or an open lease (elastic). */
+static int pool_create(vmem_backend_t *b, uint64_t page_bytes, int64_t num_pages, int64_t max_pages,
+                       vmem_lease_t *lease, vmem_pool_t **out, vmem_err_t *err)
 {
     vmem_pool_t *p;
     int rc, id;
@@ -69,6 +112,7 @@ int vmem_pool_create(vmem_backend_t *b, uint64_t page_bytes, int64_t num_pages, 
     p->num_pages = num_pages;
     p->max_pages = max_pages;
     p->fd = -1;
+    p->lease = lease;
     atomic_init(&p->refs, 1);
     pthread_mutex_init(&p->lock, NULL);
     if (pool_reserve_arrays(p, num_pages > 0 ? num_pages : 1) != VMEM_OK) goto oom;
@@ -85,17 +129,37 @@ int vmem_pool_create(vmem_backend_t *b, uint64_t page_bytes, int64_t num_pages, 
         pthread_mutex_unlock(&b->lock);
         free(p->mapcount);
         free(p->backed);
+        free(p->charged);
         free(p);
         return rc;
     }
     atomic_fetch_add(&b->refs, 1);
+    if (lease) _vmem_lease_retain(lease);
     *out = p;
     return VMEM_OK;
 oom:
     free(p->mapcount);
     free(p->backed);
+    free(p->charged);
     free(p);
     return _vmem_fail(err, VMEM_ERR_OOM, VMEM_DETAIL_NONE, -1);
+}
+
+int vmem_pool_create(vmem_backend_t *b, uint64_t page_bytes, int64_t num_pages, int64_t max_pages,
+                     vmem_pool_t **out, vmem_err_t *err)
+{
+    return pool_create(b, page_bytes, num_pages, max_pages, NULL, out, err);
+}
+
+/* pre: as vmem_pool_create; lease open (Note [Shared KV budget] in budget.c). */
+int vmem_pool_create_elastic(vmem_backend_t *b, uint64_t page_bytes, int64_t num_pages, int64_t max_pages,
+                             vmem_lease_t *lease, vmem_pool_t **out, vmem_err_t *err)
+{
+    if (!lease) {
+        if (err) memset(err, 0, sizeof(*err)), err->index = -1;
+        return _vmem_fail(err, VMEM_ERR_INVALID, VMEM_DETAIL_NONE, -1);
+    }
+    return pool_create(b, page_bytes, num_pages, max_pages, lease, out, err);
 }
 
 /* pre: p open; num_pages >= 0 more pages; stays within max_pages, below VMEM_MAX_PHYS ids and 2^62 bytes
@@ -152,6 +216,7 @@ int vmem_pool_trim(vmem_pool_t *p, const int64_t *phys, int64_t n, vmem_err_t *e
         }
         i = j;
     }
+    if (rc == VMEM_OK || rc == VMEM_ERR_DRIVER) _vmem_pool_uncharge(p, phys, n);
     pthread_mutex_unlock(&p->lock);
     return rc;
 }
@@ -187,6 +252,7 @@ int vmem_pool_info(vmem_pool_t *p, vmem_pool_info_t *out)
     out->hugetlb = p->hugetlb;
     out->closed = p->closed;
     out->fd = p->fd;
+    out->charged_pages = p->lease ? p->charged_pages : -1;
     pthread_mutex_unlock(&p->lock);
     return VMEM_OK;
 }

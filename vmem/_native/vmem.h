@@ -41,6 +41,13 @@
 #define VMEM_DETAIL_TOO_LARGE      10   /* size beyond what the address space / pool may hold */
 #define VMEM_DETAIL_POOL_FULL      11   /* grow beyond max_pages */
 #define VMEM_DETAIL_INJECTED       12   /* failure injected by vmem_*_inject_fault */
+#define VMEM_DETAIL_BUDGET         13   /* OOM: the shared budget (not the pool) has no room */
+#define VMEM_DETAIL_BUDGET_SEGMENT 14   /* budget file missing, corrupt, foreign or of another version */
+#define VMEM_DETAIL_BUDGET_HELD    15   /* new limit below what tenants hold (plus unmet minimums) */
+#define VMEM_DETAIL_BUDGET_LOCK    16   /* the budget's lock was not acquired in time */
+#define VMEM_DETAIL_BUDGET_TENANTS 17   /* every lease slot of the budget is taken */
+#define VMEM_DETAIL_LEASE_PROCESS  18   /* lease used by a process other than its opener (after fork) */
+#define VMEM_DETAIL_LEASE_LOST     19   /* lease record gone (closed, or recovered as stale) */
 
 #define VMEM_KIND_HOST 0
 #define VMEM_KIND_CUDA 1
@@ -49,6 +56,11 @@ typedef struct vmem_backend vmem_backend_t;
 typedef struct vmem_resv vmem_resv_t;
 typedef struct vmem_pool vmem_pool_t;
 typedef struct vmem_worker vmem_worker_t;
+typedef struct vmem_budget vmem_budget_t;
+typedef struct vmem_lease vmem_lease_t;
+
+#define VMEM_BUDGET_MAX_TENANTS 64
+#define VMEM_BUDGET_NAME_LEN 32
 
 typedef struct {
     int32_t status;        /* the code the call returned */
@@ -95,7 +107,48 @@ typedef struct {
     int32_t hugetlb;               /* host: the memfd is MFD_HUGETLB */
     int32_t closed;
     int32_t fd;                    /* host: the memfd (for independent checks); -1 otherwise */
+    int64_t charged_pages;         /* elastic pools: pages charged to the budget lease; -1 otherwise */
 } vmem_pool_info_t;
+
+typedef struct {
+    int64_t limit_bytes;
+    int64_t held_bytes;            /* sum over live leases */
+    int64_t waiting_bytes;         /* demand refused in the last 2 s, all leases */
+    int64_t reclaimable_bytes;     /* what tenants say they could give back */
+    int64_t reserved_bytes;        /* unmet guaranteed minimums */
+    int64_t recovered_leases;      /* dead tenants' leases freed so far */
+    int64_t recovered_bytes;
+    int32_t num_tenants;
+    int32_t max_tenants;
+} vmem_budget_info_t;
+
+typedef struct {
+    int32_t slot;
+    int32_t pid;
+    int64_t held_bytes;
+    int64_t min_bytes;
+    int64_t max_bytes;             /* 0: none */
+    int64_t waiting_bytes;
+    int64_t reclaimable_bytes;
+    int64_t peak_bytes;
+    char name[32];
+} vmem_tenant_info_t;
+
+typedef struct {
+    int32_t slot;
+    int32_t num_others;
+    int64_t limit_bytes;
+    int64_t total_held_bytes;
+    int64_t free_bytes;            /* what this lease may take now */
+    int64_t held_bytes;
+    int64_t min_bytes;
+    int64_t max_bytes;
+    int64_t peak_bytes;
+    int64_t waiting_bytes;         /* this lease's refused demand (last 2 s) */
+    int64_t others_waiting_bytes;
+    int64_t others_reclaimable_bytes;
+    int64_t recovered_leases;
+} vmem_lease_info_t;
 
 /* ---- version ---- */
 const char *vmem_version(void);
@@ -166,6 +219,41 @@ int vmem_worker_poll(vmem_worker_t *w, uint64_t ticket);
 int64_t vmem_worker_pending(vmem_worker_t *w);
 /* Runs what is queued, joins the thread and frees w (tickets not waited are dropped). */
 int vmem_worker_close(vmem_worker_t *w);
+
+/* ---- shared budget (budget.c, Note [Shared KV budget]) ----
+ * A segment file shared by processes: a limit in bytes, leases (tenants) that hold bytes of it.
+ * open: creates the file with limit_bytes when absent (limit_bytes 0: it must exist); a file that is
+ * not a vmem budget of this version is VMEM_ERR_INVALID / VMEM_DETAIL_BUDGET_SEGMENT. Every call that
+ * locks the segment may return VMEM_ERR_BUSY / VMEM_DETAIL_BUDGET_LOCK after VMEM_BUDGET_LOCK_MS. */
+int vmem_budget_open(const char *path, int64_t limit_bytes, vmem_budget_t **out, vmem_err_t *err);
+int vmem_budget_close(vmem_budget_t *bd);
+/* pre: limit_bytes > 0. BUSY / VMEM_DETAIL_BUDGET_HELD (needed = held + unmet minimums) when lower. */
+int vmem_budget_set_limit(vmem_budget_t *bd, int64_t limit_bytes, vmem_err_t *err);
+int vmem_budget_info(vmem_budget_t *bd, vmem_budget_info_t *out, vmem_err_t *err);
+int vmem_budget_tenants(vmem_budget_t *bd, vmem_tenant_info_t *out, int32_t max_out, int32_t *num_out,
+                        vmem_err_t *err);
+/* pre: 0 <= min_bytes; max_bytes == 0 (none) or >= min_bytes. OOM / VMEM_DETAIL_BUDGET when min_bytes is
+ * not free now; BUSY / VMEM_DETAIL_BUDGET_TENANTS when every slot is taken. */
+int vmem_lease_open(vmem_budget_t *bd, const char *name, int64_t min_bytes, int64_t max_bytes,
+                    vmem_lease_t **out, vmem_err_t *err);
+int vmem_lease_close(vmem_lease_t *ls);
+/* All or nothing; OOM / VMEM_DETAIL_BUDGET (needed, available in bytes) records waiting demand. */
+int vmem_lease_take(vmem_lease_t *ls, int64_t bytes, vmem_err_t *err);
+int vmem_lease_give(vmem_lease_t *ls, int64_t bytes);
+/* take, retried until timeout_ms (>= 0) has passed. */
+int vmem_lease_wait(vmem_lease_t *ls, int64_t bytes, int64_t timeout_ms, vmem_err_t *err);
+int vmem_lease_set_reclaimable(vmem_lease_t *ls, int64_t reclaimable_bytes);
+int vmem_lease_clear_demand(vmem_lease_t *ls);
+int vmem_lease_info(vmem_lease_t *ls, vmem_lease_info_t *out, vmem_err_t *err);
+/* A pool whose pages are charged to `lease` as they gain memory (inside vmem_map, before the OS or
+ * driver call; OOM / VMEM_DETAIL_BUDGET when the budget refuses) and given back when they lose it (trim,
+ * last reference). It starts with no memory: host never takes hugetlb, cuda creates no handle up front
+ * (handles are created, batched, by the map that first needs them, released by trim). */
+int vmem_pool_create_elastic(vmem_backend_t *b, uint64_t page_bytes, int64_t num_pages, int64_t max_pages,
+                             vmem_lease_t *lease, vmem_pool_t **out, vmem_err_t *err);
+/* Testing only: hold / release the segment's lock (a holder that dies leaves it EOWNERDEAD). */
+int vmem_budget_debug_lock(vmem_budget_t *bd);
+int vmem_budget_debug_unlock(vmem_budget_t *bd);
 
 /* ---- raw floor for bench/native_map.py: a bare loop of the host backend's syscalls ----
  * Maps page i of the range at base + virt[i]*page_bytes from fd offset phys[i]*page_bytes with exactly the

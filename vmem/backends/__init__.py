@@ -8,6 +8,7 @@ import threading
 
 from vmem.backends.async_mapper import AsyncMapper
 from vmem.backends.base import Backend, PagePool, Reservation
+from vmem.backends.budget import Budget, Lease, budget_path
 from vmem.errors import VmemInvalidArgument, VmemUnsupported
 
 _backends = {}
@@ -46,4 +47,5 @@ def cuda_available(device: int = 0) -> bool:
         return False
 
 
-__all__ = ["Backend", "Reservation", "PagePool", "AsyncMapper", "get_backend", "cuda_available"]
+__all__ = ["Backend", "Reservation", "PagePool", "AsyncMapper", "Budget", "Lease", "budget_path", "get_backend",
+           "cuda_available"]

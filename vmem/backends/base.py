@@ -113,9 +113,14 @@ class Backend:
         """Reserve ``num_bytes`` (rounded up to ``page_bytes``) of virtual address space; nothing mapped."""
         return Reservation(self, int(num_bytes), int(page_bytes))
 
-    def create_pool(self, page_bytes: int, num_pages: int, max_pages: Optional[int] = None) -> "PagePool":
-        """A pool of ``num_pages`` physical pages of ``page_bytes`` (ids ``[0, num_pages)``)."""
-        return PagePool(self, int(page_bytes), int(num_pages), max_pages)
+    def create_pool(self, page_bytes: int, num_pages: int, max_pages: Optional[int] = None,
+                    lease=None) -> "PagePool":
+        """A pool of ``num_pages`` physical pages of ``page_bytes`` (ids ``[0, num_pages)``).
+
+        ``lease`` (a vmem.backends.budget.Lease): an elastic pool, starting with no memory; each page is
+        charged to the lease by the map that gives it memory and given back by ``trim``.
+        """
+        return PagePool(self, int(page_bytes), int(num_pages), max_pages, lease)
 
     def async_mapper(self) -> "AsyncMapper":
         from vmem.backends.async_mapper import AsyncMapper
@@ -130,11 +135,12 @@ class PagePool:
     """Physical pages ``[0, num_pages)`` of ``page_bytes`` each.
 
     Host: a memfd; a page gets memory when first mapped (``MAP_POPULATE``) and gives it back on
-    ``trim``. CUDA: one ``cuMemCreate`` handle per page, created up front (pooled).
+    ``trim``. CUDA: one ``cuMemCreate`` handle per page, created up front (pooled); an elastic pool
+    (``lease=``) creates none up front: a map creates the handles it needs, batched, and trim releases them.
     Invariant: ``backed_pages * page_bytes == resident_bytes()`` on the host.
     """
 
-    def __init__(self, backend: Backend, page_bytes: int, num_pages: int, max_pages: Optional[int]):
+    def __init__(self, backend: Backend, page_bytes: int, num_pages: int, max_pages: Optional[int], lease=None):
         backend.check_page_bytes(page_bytes)
         if (num_pages < 0 or num_pages > _INT64_MAX
                 or (max_pages is not None and not num_pages <= max_pages <= _INT64_MAX)):
@@ -142,13 +148,18 @@ class PagePool:
                                       % (num_pages, max_pages), op="create_pool")
         out = ffi.new("vmem_pool_t **")
         err = _new_err()
-        rc = lib.vmem_pool_create(backend._h, page_bytes, num_pages, max_pages or 0, out, err)
+        if lease is None:
+            rc = lib.vmem_pool_create(backend._h, page_bytes, num_pages, max_pages or 0, out, err)
+        else:
+            rc = lib.vmem_pool_create_elastic(backend._h, page_bytes, num_pages, max_pages or 0,
+                                              lease._handle("create_pool"), out, err)
         check_err(rc, "create_pool", err, page_bytes=page_bytes, num_pages=num_pages, needed_pages=num_pages,
                   created_pages=int(err.available) if rc else None)
         self._h = ffi.gc(out[0], lib.vmem_pool_close)
         self.backend = backend
         self.page_bytes = page_bytes
         self.max_pages = max_pages
+        self.lease = lease
         self.id = int(lib.vmem_pool_id(self._h))
 
     # -- state
@@ -162,12 +173,13 @@ class PagePool:
         return self._h is None
 
     def info(self) -> dict:
-        """Counters: num_pages, backed_pages, mapped_pages, mappings, resident_bytes, hugetlb; fd (host memfd)."""
+        """Counters: num_pages, backed_pages, mapped_pages, mappings, resident_bytes, hugetlb; fd (host memfd);
+        charged_pages (elastic pools: pages charged to the lease; -1 otherwise)."""
         out = ffi.new("vmem_pool_info_t *")
         lib.vmem_pool_info(self._handle("pool.info"), out)
         return {k: int(getattr(out, k)) for k in ("page_bytes", "num_pages", "max_pages", "backed_pages",
                                                   "mapped_pages", "mappings", "resident_bytes", "hugetlb",
-                                                  "fd")}
+                                                  "fd", "charged_pages")}
 
     @property
     def num_pages(self) -> int:
@@ -308,8 +320,10 @@ class Reservation:
         err = _new_err()
         rc = lib.vmem_map(self._handle("map"), pool._handle("map"), _i64(virt), _i64(phys), virt.size, err)
         if rc:
+            budget = err.detail == lib.VMEM_DETAIL_BUDGET   # pages to charge, pages the budget has left
             check_err(rc, "map", err, num_pages=virt.size, page_bytes=self.page_bytes,
-                      needed_pages=virt.size)
+                      needed_pages=int(err.needed) if budget else virt.size,
+                      free_pages=int(err.available) if budget else None)
 
     def unmap(self, virt_pages) -> None:
         """Unmap ``virt_pages`` ([n] int64); one native call, all or nothing. Host: they read as zeros."""
