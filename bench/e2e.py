@@ -42,6 +42,7 @@ def workloads(args):
                   memory_bytes=None if args.memory_mib is None else int(args.memory_mib * 2**20),
                   page_bytes=args.page_bytes, seed=args.seed, warmup_requests=4)
     azure = ReplayConfig(start_s=600.0, duration_s=None, max_requests=int(48 * args.scale), rate=200.0,
+                         arrivals="paced",
                          length_scale=0.125, output_scale=0.25, max_prompt_tokens=384, max_output_tokens=128,
                          **common)
     n = int(48 * args.scale)

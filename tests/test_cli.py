@@ -88,9 +88,45 @@ def test_serve_and_stress_are_wired(command, capsys):
 def test_replay_paces_arrivals_at_a_multiple_of_measured_static_capacity():
     from vmem.replay import ReplayConfig, replay
     cfg = ReplayConfig(max_requests=16, max_batch=8, max_seq_len=256, max_prompt_tokens=96, max_output_tokens=16,
-                       load=1.5)
+                       arrivals="paced", load=1.5)
     result = replay(cfg, kinds=("vmem",), progress=False)
     cal = result["calibration"]
     assert cal["static_capacity_req_s"] > 0 and cal["rate"] == pytest.approx(1.5 * cal["static_capacity_req_s"])
     assert result["workload"]["rate_per_s"] == pytest.approx(cal["rate"], rel=1e-6)
     assert result["runs"]["vmem"]["metrics"]["completed"] == 16
+
+
+def test_replay_default_is_a_saturating_burst_where_vmem_fits_more_than_static():
+    # The demo's default: every request waits at t=0, so each cache runs at saturation and the table
+    # shows what the shared budget holds at once (static: max_batch // 8 full-length slots).
+    from vmem.replay import ReplayConfig, replay
+    cfg = ReplayConfig(max_requests=24, max_batch=16, max_seq_len=256, max_prompt_tokens=96, max_output_tokens=16)
+    assert cfg.arrivals == "burst"
+    assert all(r.arrival_s == 0.0 for r in cfg.requests())
+    result = replay(cfg, kinds=("vmem", "static"), progress=False)
+    assert result["calibration"] is None
+    runs = result["runs"]
+    assert runs["static"]["peak_running"] == 2 and runs["vmem"]["peak_running"] > 2
+    assert result["ratios"]["static"]["mean_running"] > 1.0
+    assert all(r["metrics"]["completed"] == 24 for r in runs.values())
+
+
+def test_replay_without_matplotlib_still_reports(tmp_path):
+    # matplotlib is the optional `bench` extra: without it the run ends with its table, and one line
+    # says how to get the figure.
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'matplotlib':\n"
+            "            raise ImportError('No module named matplotlib (blocked)')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "from vmem.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    cmd = [sys.executable, "-c", code, "replay", "--cache", "vmem", "--max-requests", "4", "--max-batch", "8",
+           "--max-seq-len", "128", "--max-prompt-tokens", "32", "--max-output-tokens", "4",
+           "--json", str(tmp_path / "r.json"), "--png", str(tmp_path / "r.png"), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "output tok/s" in proc.stdout and "vmem[bench]" in proc.stdout and "Traceback" not in proc.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["runs"]["vmem"]["metrics"]["completed"] == 4
+    assert not (tmp_path / "r.png").exists()

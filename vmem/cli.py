@@ -64,13 +64,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="cache kind without --compare (default vmem)")
     r.add_argument("--start", type=float, default=None, help="window start in trace seconds")
     r.add_argument("--duration", type=float, default=None, help="window length in trace seconds")
-    r.add_argument("--max-requests", type=int, default=None)
+    r.add_argument("--max-requests", type=int, default=None, help="at most this many requests (default 320)")
+    r.add_argument("--arrivals", default=None, choices=("burst", "paced", "trace"),
+                   help="burst (default): every request waiting at t=0, each cache at saturation; paced: "
+                        "--load x the static cache's measured capacity, or --rate; trace: the trace's timing "
+                        "x --time-scale")
     r.add_argument("--time-scale", type=float, default=None,
-                   help="multiply arrival times (0.5 = twice the trace's rate)")
-    r.add_argument("--rate", type=float, default=None, help="scale arrivals to this mean rate (req/s)")
+                   help="with --arrivals trace: multiply arrival times (0.5 = twice the trace's rate)")
+    r.add_argument("--rate", type=float, default=None, help="with --arrivals paced/trace: this mean rate (req/s)")
     r.add_argument("--load", type=float, default=None,
-                   help="without --rate: arrivals at LOAD x the static cache's capacity, measured first "
-                        "(default 1.2; 0 keeps the trace's own timing x --time-scale)")
+                   help="with --arrivals paced and no --rate: LOAD x the static cache's capacity, measured "
+                        "first (default 1.2)")
     r.add_argument("--length-scale", type=float, default=None, help="multiply prompt lengths")
     r.add_argument("--output-scale", type=float, default=None, help="multiply output lengths")
     r.add_argument("--max-prompt-tokens", type=int, default=None)
@@ -94,7 +98,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _replay_config(args):
     from vmem.replay import ReplayConfig
-    cfg = ReplayConfig()
+    # --rate or --load alone mean paced arrivals; nothing said means the saturating burst
+    paced = args.rate is not None or args.load is not None
+    cfg = ReplayConfig(arrivals=args.arrivals or ("paced" if paced else "burst"))
     pairs = {"trace": args.trace, "synthetic": args.synthetic or None, "start_s": args.start,
              "duration_s": args.duration, "max_requests": args.max_requests, "time_scale": args.time_scale,
              "rate": args.rate, "load": args.load, "length_scale": args.length_scale, "output_scale": args.output_scale,
@@ -131,11 +137,16 @@ def cmd_replay(args) -> int:
     kinds = replay.CACHE_KINDS if args.compare else (args.cache,)
     result = replay.replay(cfg, kinds, progress=not args.no_progress)
     json_path = replay.write_json(result, args.json)
-    png_path = replay.plot(result, args.png)
+    try:
+        png_path = replay.plot(result, args.png)
+    except ImportError:                       # matplotlib is the optional `bench` extra
+        png_path = "none (pip install 'vmem[bench]' for the figure)"
     w = result["workload"]
-    print("workload: %d requests over %.1f s (%.2f req/s), prompt mean %.0f tokens, output mean %.0f tokens"
-          % (w["num_requests"], w["span_s"], w["rate_per_s"], w["prompt_tokens"]["mean"],
-             w["output_tokens"]["mean"]))
+    when = ("all waiting at t=0" if cfg.arrivals == "burst"
+            else "over %.1f s (%.2f req/s)" % (w["span_s"], w["rate_per_s"]))
+    print("workload: %d requests %s, prompt mean %.0f tokens, output mean %.0f tokens; %.2f MiB of KV for "
+          "every cache" % (w["num_requests"], when, w["prompt_tokens"]["mean"], w["output_tokens"]["mean"],
+                           result["memory_bytes"] / 2**20))
     skipped = max(r["num_skipped"] for r in result["runs"].values())
     if skipped:
         print("skipped %d requests that failed in the trace or exceed --max-seq-len" % skipped)

@@ -1,5 +1,11 @@
 """`vmem replay`: run a trace through the engine on the wall clock, for one or several caches.
 
+Arrivals (``ReplayConfig.arrivals``):
+  burst  every request is waiting at t = 0 (the default, what `make demo` shows): each cache runs at
+         saturation, so at one physical budget its throughput and queueing latency follow from how many
+         requests it fits at once; stable across runs and machines, as nothing depends on a measured rate;
+  paced  arrivals at `load` x the static cache's capacity, measured first here (or at `rate` req/s);
+  trace  the trace's own timing x `time_scale`.
 Requests become waiting when their (scaled) arrival time passes on the wall clock; the engine runs
 for real in this thread and every latency is measured on the same monotonic clock, as a client would
 (`metrics.py`). With several cache kinds, each runs the same requests (same token ids, same arrival
@@ -26,6 +32,7 @@ from vmem.engine.metrics import RequestRecord, compute_metrics
 logger = logging.getLogger(__name__)
 
 CACHE_KINDS = ("vmem", "paged", "static")
+ARRIVALS = ("burst", "paced", "trace")
 
 
 @dataclass
@@ -35,10 +42,11 @@ class ReplayConfig:
     synthetic: int = 0                     # > 0: a seeded synthetic workload of this many requests instead
     start_s: float = 600.0                 # window of the trace, original seconds
     duration_s: float | None = 180.0
-    max_requests: int | None = None
-    time_scale: float = 1.0
-    rate: float | None = None              # target mean req/s (overrides time_scale and load)
-    load: float | None = 1.2               # rate None: arrivals at load x the static cache's measured capacity
+    max_requests: int | None = 320
+    arrivals: str = "burst"                # burst | paced | trace (module docstring)
+    time_scale: float = 1.0                # arrivals "trace": multiply the trace's arrival times
+    rate: float | None = None              # arrivals "paced": this mean req/s instead of load x capacity
+    load: float | None = 1.2               # arrivals "paced": load x the static cache's measured capacity
     length_scale: float = 0.125
     output_scale: float | None = 0.25
     max_prompt_tokens: int = 384
@@ -57,7 +65,18 @@ class ReplayConfig:
     sample_interval_s: float = 0.05        # timeline resolution
     slos_ms: dict | None = None            # e.g. {"ttft": 1000, "tpot": 50}: goodput counts requests meeting all
 
+    def __post_init__(self):
+        if self.arrivals not in ARRIVALS:
+            from vmem.errors import VmemInvalidArgument
+            raise VmemInvalidArgument("arrivals must be one of %s, got %r" % (", ".join(ARRIVALS), self.arrivals))
+
     def requests(self) -> list[workloads.TraceRequest]:
+        reqs = self._requests()
+        if self.arrivals == "burst":
+            reqs = [r._replace(arrival_s=0.0) for r in reqs]
+        return reqs
+
+    def _requests(self) -> list[workloads.TraceRequest]:
         if self.synthetic > 0:
             reqs = workloads.generate(self.synthetic, rate=self.rate or 4.0, cv=1.0, seed=self.seed,
                                       prompt_lengths=workloads.ZipfLengths(0.6, 16, self.max_prompt_tokens),
@@ -81,6 +100,7 @@ class RunResult:
     peak_physical_kv_bytes: int
     peak_used_kv_bytes: int
     peak_running: int
+    mean_running: float                            # over the samples while work was left
     num_preemptions: int
     map_calls: int
     num_skipped: int
@@ -184,7 +204,9 @@ def run_trace(engine: Engine, reqs: list[workloads.TraceRequest], prompts: list[
                      peak_physical_kv_bytes=max([_physical_bytes(stats)] + timeline["physical_kv_bytes"]),
                      peak_used_kv_bytes=max([int(stats["peak_used_pages"]) * int(stats["page_bytes"])]
                                             + timeline["used_kv_bytes"]),
-                     peak_running=peak_running, num_preemptions=engine.num_preemptions,
+                     peak_running=peak_running,
+                     mean_running=float(np.mean(timeline["running"])) if timeline["running"] else 0.0,
+                     num_preemptions=engine.num_preemptions,
                      map_calls=_map_calls(stats) - map_calls_before, num_skipped=num_skipped, timeline=timeline)
 
 
@@ -216,7 +238,7 @@ def replay(cfg: ReplayConfig, kinds=CACHE_KINDS, *, progress: bool = True) -> di
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     calibration = None
-    if cfg.rate is None and cfg.load and cfg.synthetic <= 0 and len(reqs) > 1:
+    if cfg.arrivals == "paced" and cfg.rate is None and cfg.load and cfg.synthetic <= 0 and len(reqs) > 1:
         calibration = calibrate(cfg, reqs, prompts)
         reqs = workloads.scale_trace(reqs, rate=calibration["rate"])
         if progress:
@@ -232,8 +254,11 @@ def replay(cfg: ReplayConfig, kinds=CACHE_KINDS, *, progress: bool = True) -> di
                                    sample_interval_s=cfg.sample_interval_s, slos_ms=cfg.slos_ms)
         finally:
             engine.close()
-    return {"config": asdict(cfg), "memory_bytes": memory_budget(cfg), "calibration": calibration,
-            "workload": workloads.summarize(reqs), "runs": {k: asdict(v) for k, v in runs.items()}}
+    result = {"config": asdict(cfg), "memory_bytes": memory_budget(cfg), "calibration": calibration,
+              "workload": workloads.summarize(reqs), "runs": {k: asdict(v) for k, v in runs.items()}}
+    if "vmem" in runs and len(runs) > 1:
+        result["ratios"] = ratios(result)
+    return result
 
 
 # ---------------------------------------------------------------- report
@@ -251,6 +276,7 @@ ROWS = [
     ("E2E p99 ms", lambda r: r["metrics"]["e2el_ms"]["p99"], "{:.0f}"),
     ("peak physical KV MiB", lambda r: r["peak_physical_kv_bytes"] / 2**20, "{:.2f}"),
     ("peak used KV MiB", lambda r: r["peak_used_kv_bytes"] / 2**20, "{:.2f}"),
+    ("mean running requests", lambda r: r["mean_running"], "{:.1f}"),
     ("peak running requests", lambda r: r["peak_running"], "{}"),
     ("preemptions", lambda r: r["num_preemptions"], "{}"),
     ("map calls", lambda r: r["map_calls"], "{}"),
@@ -267,7 +293,32 @@ def format_table(result: dict) -> str:
     lines = ["%-*s  %s" % (width, "", "  ".join("%10s" % k for k in kinds))]
     for name, get, fmt in rows:
         lines.append("%-*s  %s" % (width, name, "  ".join("%10s" % fmt.format(get(runs[k])) for k in kinds)))
+    if "vmem" in runs:
+        lines += [""] + format_ratios(result)
     return "\n".join(lines)
+
+
+def ratios(result: dict) -> dict:
+    """{baseline: {metric: vmem / baseline}} for every other cache kind in the run."""
+    runs = result["runs"]
+    v = runs["vmem"]
+    out = {}
+    for kind, r in runs.items():
+        if kind == "vmem":
+            continue
+        def div(a, b):
+            return a / b if b else math.inf
+        out[kind] = {"output_throughput": div(v["metrics"]["output_throughput"], r["metrics"]["output_throughput"]),
+                     "mean_running": div(v["mean_running"], r["mean_running"]),
+                     "ttft_p50": div(v["metrics"]["ttft_ms"]["p50"], r["metrics"]["ttft_ms"]["p50"]),
+                     "ttft_p99": div(v["metrics"]["ttft_ms"]["p99"], r["metrics"]["ttft_ms"]["p99"])}
+    return out
+
+
+def format_ratios(result: dict) -> list[str]:
+    return ["vmem vs %-6s  %.2fx output tok/s, %.2fx requests running at once, TTFT p50 %.2fx, p99 %.2fx"
+            % (kind, q["output_throughput"], q["mean_running"], q["ttft_p50"], q["ttft_p99"])
+            for kind, q in ratios(result).items()]
 
 
 def plot(result: dict, path: str | Path) -> Path:
@@ -284,7 +335,10 @@ def plot(result: dict, path: str | Path) -> Path:
                     color=line.get_color(), label="%s used by live requests" % kind)
         ax_run.step(tl["t_s"], tl["running"], where="post", label=kind, color=line.get_color())
     w = result["workload"]
-    ax_mem.set_title("replay: %d requests, %.2f req/s" % (w["num_requests"], w.get("rate_per_s", math.nan)))
+    arrivals = result["config"].get("arrivals", "paced")
+    how = ("all waiting at t = 0" if arrivals == "burst" else "%.2f req/s" % w.get("rate_per_s", math.nan))
+    ax_mem.set_title("replay: %d requests, %s, %.2f MiB of KV for every cache"
+                     % (w["num_requests"], how, result["memory_bytes"] / 2**20))
     ax_mem.set_ylabel("KV memory (MiB)")
     ax_run.set_ylabel("running requests")
     ax_run.set_xlabel("wall time (s)")
@@ -304,8 +358,19 @@ def plot(result: dict, path: str | Path) -> Path:
 def write_json(result: dict, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1, default=str))
+    path.write_text(json.dumps(_finite(result), indent=1, default=str))
     return path
+
+
+def _finite(value):
+    """Strict JSON: non-finite floats (a burst's rate) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 class _Progress:
