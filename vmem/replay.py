@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vmem.allocator import CACHE_KINDS
 from vmem.engine import workloads
 from vmem.engine.engine import Engine, Request, SamplingParams, build_engine
 from vmem.engine.metrics import RequestRecord, compute_metrics
 
 logger = logging.getLogger(__name__)
 
-CACHE_KINDS = ("vmem", "paged", "static")
 ARRIVALS = ("burst", "paced", "trace")
 
 

@@ -1,18 +1,9 @@
-/* core.c — what every backend shares: validation, the virt->phys table, run coalescing, rollback,
- * the mapping budget, reference counts and fault injection. See Note [Host backend] in host.c for
- * why mappings are counted.
- *
- * Interval picture of one map batch (pages of a reservation, half-open):
- *
- *     virt   0   1   2   3   4   5   6   7
- *     table  .   A7  A8  .   .   B2  .   .      (pool A page 7 at virt 1, ...)
- *     batch          {3->A9, 4->A10}            sorted by virt
- *     runs           [3, 5) over A[9, 11)       one OS call; merges with [1, 3) into one mapping
- *
- * A boundary i|i+1 is a "break" when pages i and i+1 sit in different mappings; the reservation then
- * holds num_breaks + 1 mappings (host VMAs). A batch changes only the boundaries next to its pages,
- * so the budget check is O(n) in the batch, not in the reservation.
- */
+/* core.c — what every backend shares outside the map path: the version stamp, error records,
+ * opening and closing a backend (dispatch to host.c / cuda.c through vmem_ops_t), the mapping budget
+ * (vm.max_map_count minus what the process holds; see Note [Host backend] in host.c for why
+ * mappings are counted), reservations and their virt->phys table (entries, reference counts, info,
+ * read-out) and fault injection per reservation. Batched map/unmap, run coalescing and rollback are
+ * in map.c; pools in pool.c. */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif

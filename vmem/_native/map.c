@@ -1,5 +1,17 @@
-/* map.c — batched map / unmap with in-call rollback. The interval picture and the meaning of a
- * "break" are at the top of core.c. */
+/* map.c — batched map / unmap: validation of a batch, run coalescing (one OS/driver call per
+ * contiguous run), the mapping-budget check, and rollback inside the same call.
+ *
+ * Interval picture of one map batch (pages of a reservation, half-open):
+ *
+ *     virt   0   1   2   3   4   5   6   7
+ *     table  .   A7  A8  .   .   B2  .   .      (pool A page 7 at virt 1, ...)
+ *     batch          {3->A9, 4->A10}            sorted by virt
+ *     runs           [3, 5) over A[9, 11)       one OS call; merges with [1, 3) into one mapping
+ *
+ * A boundary i|i+1 is a "break" when pages i and i+1 sit in different mappings; the reservation then
+ * holds num_breaks + 1 mappings (host VMAs). A batch changes only the boundaries next to its pages,
+ * so the budget check is O(n) in the batch, not in the reservation.
+ */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif

@@ -29,7 +29,8 @@ def make_cache(kind: str, spec: KVCacheSpec, *, memory_bytes: int | None = None,
 
     vmem: ``backend`` ("auto" | "host" | "cuda" or a Backend), ``reclaim`` ("deferred" | "eager"),
     ``async_map``, ``reclaim_policy``. paged: ``block_size`` (16). Baselines allocate plain torch
-    tensors on ``device`` (default CPU) and ignore the vmem-only arguments.
+    tensors on ``device`` and ignore the vmem-only arguments; ``device=None`` puts them where vmem's
+    backend would put the cache: CUDA when ``backend`` is "auto" or "cuda" and torch sees a GPU, else CPU.
     """
     if kind == "vmem":
         return VirtualKVCache(spec, memory_bytes=memory_bytes, backend=backend, device=device, reclaim=reclaim,
