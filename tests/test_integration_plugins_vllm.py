@@ -5,6 +5,7 @@ the scheduler-side slot table, and the worker-side mapper on the real host backe
 import pathlib
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,6 +166,41 @@ def test_mapper_eager_reclamation_unmaps_at_free():
     m.apply(assigned={"a": [1, 2]})
     m.apply(removed=["a"])
     assert not m.is_mapped(1) and m.stats()["free_blocks"] == 4
+    m.check_integrity()
+    m.close()
+
+
+def test_mapper_reclaims_the_slot_idle_longest_first(mapper):
+    m, lay, buf = mapper
+    m.apply(assigned={"a": lay.block_ids(0, 0, 2), "b": lay.block_ids(1, 0, 2)})
+    m.apply(removed=["a"])
+    m.apply(removed=["b"])                                          # slot 0 has been idle longer
+    m.apply(assigned={"c": lay.block_ids(2, 0, 3)})                  # 1 free block: 2 more come back
+    assert [m.is_mapped(b) for b in lay.block_ids(0, 0, 2)] == [False, False]
+    assert [m.is_mapped(b) for b in lay.block_ids(1, 0, 2)] == [True, True]
+    m.check_integrity()
+
+
+def test_mapper_places_a_slots_next_block_after_its_last_one():
+    lay = SlotLayout(2, 4)
+    bp = BlockPages([TensorPlacement(0, 1, 2 * PAGE, 2 * PAGE, 2 * PAGE)], PAGE, lay.num_virtual_blocks)
+    m = BlockMapper(get_backend("host"), bp, lay, 8)
+    for n in range(1, 5):                                           # one block a step, as decode grows
+        m.apply(assigned={"a": lay.block_ids(1, 0, n)})
+    phys = m.reservation.mapping()[bp.pages(lay.block_ids(1, 0, 4))]
+    assert (np.diff(phys) == 1).all()                               # one pool run: one OS mapping
+    m.check_integrity()
+    m.close()
+
+
+def test_mapper_eager_reclamation_returns_the_memory():
+    lay = SlotLayout(2, 2)
+    bp = BlockPages([TensorPlacement(0, 1, PAGE, PAGE, PAGE)], PAGE, lay.num_virtual_blocks)
+    m = BlockMapper(get_backend("host"), bp, lay, 4, reclaim="eager")
+    m.apply(assigned={"a": [1, 2]})
+    assert m.pool.resident_bytes() == 3 * PAGE                      # the null block and a's two
+    m.apply(removed=["a"])
+    assert m.pool.resident_bytes() == PAGE
     m.check_integrity()
     m.close()
 

@@ -38,7 +38,7 @@ from vmem.allocator.base import SlotCache
 from vmem.allocator.mapping import RECLAIM_MODES, PageMapper, check_reclaim_mode, synchronize_for_unmap
 from vmem.allocator.page_table import UNMAPPED
 from vmem.allocator.planning import ColumnPlanner, Growth, Reclaim
-from vmem.allocator.policy import RECLAIM_POLICIES, ReclaimPolicy, SlotPolicy
+from vmem.allocator.policy import ReclaimPolicy, SlotPolicy, get_reclaim_policy
 from vmem.allocator.prefetch import Prefetch, Prefetcher
 from vmem.allocator.spec import KVCacheSpec
 from vmem.allocator.stats import CacheStats
@@ -77,11 +77,7 @@ class VirtualKVCache(SlotCache):
                  reclaim: str = "deferred", async_map: bool = False, reclaim_policy: str | ReclaimPolicy = "lru"):
         super().__init__(spec, spec.max_batch, None)
         self.reclaim = check_reclaim_mode(reclaim)
-        if isinstance(reclaim_policy, str):
-            if reclaim_policy not in RECLAIM_POLICIES:
-                raise VmemInvalidArgument("reclaim_policy must be one of %s" % sorted(RECLAIM_POLICIES))
-            reclaim_policy = RECLAIM_POLICIES[reclaim_policy]()
-        self.reclaim_policy = reclaim_policy
+        self.reclaim_policy = get_reclaim_policy(reclaim_policy)
         self.slot_policy = SlotPolicy()
         if memory_bytes is None:
             pool_pages = spec.num_virtual_pages

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from vmem.allocator.page_table import PageTable, place_pages
-from vmem.allocator.policy import ReclaimPolicy
+from vmem.allocator.policy import ReclaimPolicy, reclaim_slot_order
 from vmem.allocator.spec import KVCacheSpec
 
 
@@ -122,8 +122,7 @@ class ColumnPlanner:
         idle = np.flatnonzero(~self.live & (self.columns > 0))
         excess = np.maximum(self.columns - protected, 0)
         live = np.flatnonzero(self.live & (excess > 0))
-        order = self.reclaim_policy.order(idle, self.columns, self.freed_at)
-        order += [int(s) for s in live[np.argsort(-excess[live], kind="stable")]]
+        order = reclaim_slot_order(self.reclaim_policy, idle, live, excess, self.columns, self.freed_at)
         shrink = {}
         for slot in order:
             if shortfall_pages <= 0:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from vmem.errors import VmemInvalidArgument
+
 
 class ReclaimPolicy:
     """Least recently freed first: the slot idle the longest is the least likely to be reused soon.
@@ -35,6 +37,28 @@ class FewestPagesFirst(ReclaimPolicy):
 
 
 RECLAIM_POLICIES = {"lru": ReclaimPolicy, "fewest": FewestPagesFirst}
+
+
+def get_reclaim_policy(policy) -> ReclaimPolicy:
+    """A ReclaimPolicy from its name ("lru" | "fewest") or itself."""
+    if isinstance(policy, ReclaimPolicy):
+        return policy
+    if not isinstance(policy, str) or policy not in RECLAIM_POLICIES:
+        raise VmemInvalidArgument("reclaim_policy must be one of %s, got %r" % (sorted(RECLAIM_POLICIES), policy))
+    return RECLAIM_POLICIES[policy]()
+
+
+def reclaim_slot_order(policy: ReclaimPolicy, idle: np.ndarray, live: np.ndarray, excess: np.ndarray,
+                       mapped_columns: np.ndarray, freed_at: np.ndarray) -> list[int]:
+    """The order in which slots give pages back; within a slot the deepest pages go first (tail first).
+
+    idle: [n] int64 slots without a live request that hold pages, taken first, in ``policy`` order;
+    live: [m] int64 slots whose request leaves mapped pages unused, then, largest unused tail first
+    (excess: [max_batch] int64, pages or columns beyond what each slot must keep). mapped_columns and
+    freed_at as in ReclaimPolicy.order. Used by VirtualKVCache (columns) and the vLLM plugin (blocks).
+    """
+    order = policy.order(idle, mapped_columns, freed_at)
+    return order + [int(s) for s in live[np.argsort(-excess[live], kind="stable")]]
 
 
 class SlotPolicy:
