@@ -16,6 +16,7 @@ Engine methods are not thread-safe: a server drives one engine from one thread.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -75,7 +76,10 @@ class Engine:
         self._seqs: dict[str, Sequence] = {}
         self._pending_outputs: list[RequestOutput] = []
         self._seed_counter = itertools.count(seed * 1_000_003)
-        self._eos_id = getattr(self.tokenizer, "eos_id", None)
+        # a checkpoint may stop on several tokens (generation_config.json); the byte tokenizer on <eos>
+        eos_id = getattr(self.tokenizer, "eos_id", None)
+        self._stop_ids = frozenset(getattr(self.tokenizer, "stop_token_ids", None)
+                                   or ([] if eos_id is None else [eos_id]))
         self.counters = defaultdict(float)     # steps, tokens, seconds spent where
 
     # ------------------------------------------------------------ public API
@@ -282,7 +286,7 @@ class Engine:
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.request.params
-        if not p.ignore_eos and self._eos_id is not None and token == self._eos_id:
+        if not p.ignore_eos and token in self._stop_ids:
             return "stop"
         if p.stop:
             text = self.tokenizer.decode(seq.token_ids[seq.num_prompt_tokens:])
@@ -306,18 +310,29 @@ def _default_tokenizer():
 
 
 def build_engine(model: Any = "tiny", cache_kind: str = "vmem", *, memory_bytes: int | None = None,
-                 max_batch: int = 16, max_seq_len: int = 1024, backend: str = "auto",
+                 max_batch: int = 16, max_seq_len: int | None = None, backend: str = "auto",
                  reclaim: str = "deferred", async_map: bool = True, seed: int = 0,
                  page_bytes: int | None = None, max_num_batched_tokens: int = 512,
-                 prefill_chunk_tokens: int = 256, device: Any = None) -> Engine:
-    """A model (preset name, ModelConfig or Model) on a fresh cache of `cache_kind`, in one call.
+                 prefill_chunk_tokens: int = 256, device: Any = None, dtype: Any = None,
+                 tokenizer: Any = None) -> Engine:
+    """A model on a fresh cache of `cache_kind`, in one call.
 
-    memory_bytes: physical KV budget (None = enough for max_batch full-length sequences);
+    model: a preset name ("tiny", "small", "medium"), any other string or path = a Hugging Face checkpoint
+    directory (its tokenizer comes with it), a ModelConfig or a Model. dtype: None = the preset's float32 /
+    the checkpoint's own; "float32", "bfloat16", "float16". memory_bytes: physical KV budget (None = enough
+    for max_batch full-length sequences); max_seq_len: None = 1024, capped at the model's max_position;
     page_bytes: the vmem page size (None = the spec's default).
     """
     from vmem.allocator import KVCacheSpec, make_cache
-    model = _build_model(model, seed)
+    model, model_tokenizer = _build_model(model, seed, dtype)
     cfg = model.config
+    if max_seq_len is None:
+        max_seq_len = min(1024, cfg.max_position)
+    elif cfg.sliding_window is not None and max_seq_len > cfg.sliding_window:
+        from vmem.errors import VmemUnsupported
+        raise VmemUnsupported(f"max_seq_len {max_seq_len} exceeds the checkpoint's sliding window of "
+                              f"{cfg.sliding_window} tokens; the engine has no sliding-window attention, so it "
+                              f"serves up to {cfg.sliding_window} tokens")
     spec_kwargs = dict(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                        dtype=cfg.dtype, max_batch=max_batch, max_seq_len=max_seq_len)
     if page_bytes is not None:
@@ -331,13 +346,20 @@ def build_engine(model: Any = "tiny", cache_kind: str = "vmem", *, memory_bytes:
         model = model.to(cache.device)          # "auto" puts the cache on the GPU when there is one
     return Engine(model, cache, max_num_batched_tokens=max_num_batched_tokens,
                   prefill_chunk_tokens=prefill_chunk_tokens, async_map=async_map and cache_kind == "vmem",
-                  seed=seed)
+                  tokenizer=tokenizer if tokenizer is not None else model_tokenizer, seed=seed)
 
 
-def _build_model(model: Any, seed: int):
+def _build_model(model: Any, seed: int, dtype: Any = None):
+    """(model, its tokenizer or None for the byte tokenizer)."""
+    import os
+
     from vmem.engine import model as model_mod
+    if isinstance(model, (str, os.PathLike)) and str(model) not in model_mod.PRESETS:
+        from vmem.engine.tokenizer import HFTokenizer
+        return model_mod.Model.from_pretrained(model, dtype=dtype), HFTokenizer.from_pretrained(model)
+    overrides = {} if dtype in (None, "auto") else {"dtype": dtype}
     if isinstance(model, str):
-        return model_mod.Model(model_mod.ModelConfig.preset(model, seed=seed))
+        return model_mod.Model(model_mod.ModelConfig.preset(model, seed=seed, **overrides)), None
     if isinstance(model, model_mod.ModelConfig):
-        return model_mod.Model(model)
-    return model
+        return model_mod.Model(dataclasses.replace(model, **overrides)), None
+    return model, None

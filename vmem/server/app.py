@@ -358,7 +358,10 @@ def create_app(engine, *, model_name: str = "tiny", limits: ServerLimits | None 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vmem serve", description="OpenAI-compatible server over the vmem engine")
-    p.add_argument("--model", default="tiny", help="model preset (default: tiny)")
+    p.add_argument("--model", default="tiny",
+                   help="a preset (tiny, small, medium; default tiny) or a local Hugging Face checkpoint directory")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and KV cache dtype (auto: the checkpoint's; float32 for presets)")
     p.add_argument("--cache", default="vmem", choices=["vmem", "paged", "static"])
     p.add_argument("--memory", type=parse_bytes, default=None,
                    help="physical KV memory, e.g. 256M or 2G (default: every slot at full length)")
@@ -404,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         torch.set_num_threads(max(1, args.torch_threads))
     kwargs = {"memory_bytes": args.memory, "max_batch": args.max_batch, "backend": args.backend,
-              "seed": args.seed}
+              "seed": args.seed, "dtype": args.dtype}
     if args.max_seq_len is not None:
         kwargs["max_seq_len"] = args.max_seq_len
     try:
