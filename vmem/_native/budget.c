@@ -623,17 +623,21 @@ int vmem_lease_set_reclaimable(vmem_lease_t *ls, int64_t reclaimable_bytes)
     return l ? VMEM_OK : VMEM_ERR_CLOSED;
 }
 
-/* pre: ls open. Forget this lease's waiting demand (its request went away). */
-int vmem_lease_clear_demand(vmem_lease_t *ls)
+/* pre: ls open; bytes >= 0. Record (or, with 0, forget) waiting demand without taking anything: a
+ * scheduler that waits for memory says so, and the other tenants see it in vmem_lease_info. */
+int vmem_lease_set_demand(vmem_lease_t *ls, int64_t bytes)
 {
     lease_rec_t *l;
     int rc;
-    if (!ls) return VMEM_ERR_INVALID;
+    if (!ls || bytes < 0) return VMEM_ERR_INVALID;
     if ((rc = lease_usable(ls, NULL))) return rc;
     if ((rc = seg_lock(ls->bd, NULL))) return rc;
-    if ((l = rec_of(ls))) l->waiting_bytes = 0;
+    if ((l = rec_of(ls))) {
+        l->waiting_bytes = bytes;
+        l->demand_ns = now_ns();
+    }
     seg_unlock(ls->bd);
-    return VMEM_OK;
+    return l ? VMEM_OK : VMEM_ERR_CLOSED;
 }
 
 /* pre: ls, out != NULL. The lease's numbers and what the others wait for / could give back. */

@@ -243,7 +243,8 @@ int vmem_lease_give(vmem_lease_t *ls, int64_t bytes);
 /* take, retried until timeout_ms (>= 0) has passed. */
 int vmem_lease_wait(vmem_lease_t *ls, int64_t bytes, int64_t timeout_ms, vmem_err_t *err);
 int vmem_lease_set_reclaimable(vmem_lease_t *ls, int64_t reclaimable_bytes);
-int vmem_lease_clear_demand(vmem_lease_t *ls);
+/* waiting demand without a take (0: none); it expires 2 s after it was last set */
+int vmem_lease_set_demand(vmem_lease_t *ls, int64_t bytes);
 int vmem_lease_info(vmem_lease_t *ls, vmem_lease_info_t *out, vmem_err_t *err);
 /* A pool whose pages are charged to `lease` as they gain memory (inside vmem_map, before the OS or
  * driver call; OOM / VMEM_DETAIL_BUDGET when the budget refuses) and given back when they lose it (trim,

@@ -17,6 +17,7 @@ from vmem.allocator.paged import PagedKVCache
 from vmem.allocator.policy import FewestPagesFirst, ReclaimPolicy, SlotPolicy
 from vmem.allocator.spec import KVCacheSpec
 from vmem.allocator.static import StaticKVCache
+from vmem.allocator.elastic import BudgetPolicy
 from vmem.allocator.stats import CacheStats
 from vmem.errors import VmemInvalidArgument
 
@@ -44,5 +45,5 @@ def make_cache(kind: str, spec: KVCacheSpec, *, memory_bytes: int | None = None,
     raise VmemInvalidArgument("cache kind must be one of %s, got %r" % (CACHE_KINDS, kind))
 
 
-__all__ = ["CACHE_KINDS", "CacheStats", "FewestPagesFirst", "KVCacheManager", "KVCacheSpec", "PagedKVCache",
+__all__ = ["BudgetPolicy", "CACHE_KINDS", "CacheStats", "FewestPagesFirst", "KVCacheManager", "KVCacheSpec", "PagedKVCache",
            "ReclaimPolicy", "SlotCache", "SlotPolicy", "StaticKVCache", "VirtualKVCache", "make_cache"]

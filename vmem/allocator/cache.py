@@ -23,18 +23,23 @@ at once; every other call first settles the ticket (waits only if the worker is 
 prefetch was rolled back natively, and settling undoes its plan here, so it corrupts nothing and the next
 step maps synchronously.
 
+Elastic (``budget=``): the pool draws pages from a Budget shared with other caches and processes and
+gives idle ones back under a BudgetPolicy; ``maintain()`` applies it (elastic.py).
+
 Limitations: pages shared between slots (reference counts > 1) are never counted as reclaimable.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 
 from vmem.allocator.base import SlotCache
+from vmem.allocator.elastic import BudgetPolicy, IdleClock, free_mask, open_lease
 from vmem.allocator.mapping import RECLAIM_MODES, PageMapper, check_reclaim_mode, synchronize_for_unmap
 from vmem.allocator.page_table import UNMAPPED
 from vmem.allocator.planning import ColumnPlanner, Growth, Reclaim
@@ -74,12 +79,28 @@ class VirtualKVCache(SlotCache):
     kind = "vmem"
 
     def __init__(self, spec: KVCacheSpec, *, memory_bytes: int | None = None, backend="auto", device=None,
-                 reclaim: str = "deferred", async_map: bool = False, reclaim_policy: str | ReclaimPolicy = "lru"):
+                 reclaim: str = "deferred", async_map: bool = False, reclaim_policy: str | ReclaimPolicy = "lru",
+                 budget=None, budget_policy: BudgetPolicy | None = None):
+        """budget: None, or a Budget / Lease / budget name or path (elastic.py): pages are then charged to
+        the shared budget as step maps them; memory_bytes (default: the budget's limit) bounds the pool."""
         super().__init__(spec, spec.max_batch, None)
         self.reclaim = check_reclaim_mode(reclaim)
         self.reclaim_policy = get_reclaim_policy(reclaim_policy)
         self.slot_policy = SlotPolicy()
-        if memory_bytes is None:
+        self.budget_policy = budget_policy if budget_policy is not None else BudgetPolicy()
+        self._lease, self._own_lease = (None, False) if budget is None else open_lease(
+            budget, self.budget_policy, "vmem-%d" % id(self))
+        try:
+            self._init_pool(spec, memory_bytes, backend, device, async_map)
+        except BaseException:
+            if self._own_lease:
+                self._lease.close()
+            raise
+
+    def _init_pool(self, spec, memory_bytes, backend, device, async_map: bool) -> None:
+        if memory_bytes is None and self._lease is not None:
+            pool_pages = min(self._lease.info().limit_bytes // spec.page_bytes, spec.num_virtual_pages)
+        elif memory_bytes is None:
             pool_pages = spec.num_virtual_pages
         else:
             if isinstance(memory_bytes, bool) or not isinstance(memory_bytes, int) or memory_bytes <= 0:
@@ -101,7 +122,8 @@ class VirtualKVCache(SlotCache):
         self._reservation = self._backend.reserve(spec.reservation_bytes, spec.page_bytes)
         self._pool = None
         try:
-            self._pool = self._backend.create_pool(spec.page_bytes, pool_pages, max_pages=pool_pages)
+            elastic = {} if self._lease is None else {"lease": self._lease}
+            self._pool = self._backend.create_pool(spec.page_bytes, pool_pages, max_pages=pool_pages, **elastic)
             self._init_state(pool_pages, async_map)
         except BaseException:
             self._planes = []
@@ -121,6 +143,8 @@ class VirtualKVCache(SlotCache):
         self._clock = 0
         self._prefetcher = Prefetcher(self._backend.async_mapper(), self._pages) if async_map else None
         self._eager_leftovers = set()   # eager mode: free slots whose unmap failed (pages kept, reclaimable)
+        self._idle = IdleClock()
+        self._last_maintain = 0.0
 
     # ---- views ----------------------------------------------------------------------------
     @property
@@ -164,6 +188,7 @@ class VirtualKVCache(SlotCache):
             self.reclaim_idle()               # retry unmapping shared pages left in freed slots
         slot = super().alloc_slot(num_tokens)
         self._cols.inherited[slot] = self._cols.columns[slot]
+        self._idle.update(1)
         return slot
 
     def _choose_slot(self, free: np.ndarray, num_tokens: int | None) -> int:
@@ -175,6 +200,7 @@ class VirtualKVCache(SlotCache):
 
     def _release_slot(self, slot: int) -> None:
         self._settle()
+        self._idle.update(int(np.count_nonzero(self._live)) - 1)   # slot is still counted live here
         self._clock += 1
         self._cols.freed_at[slot] = self._clock
         self._eager_leftovers.discard(slot)
@@ -202,10 +228,23 @@ class VirtualKVCache(SlotCache):
         """Whether step(needs) would succeed now: free pages plus pages it may take back (no side effects)."""
         slots, tokens = self._parse_needs(needs)
         needed = self._cols.pages_to_map(slots, tokens)
-        return needed <= self._table.num_free + self._cols.reclaimable_pages(self._cols.protected(slots, tokens))
+        return needed <= self._free_pages() + self._cols.reclaimable_pages(self._cols.protected(slots, tokens))
 
     def _available_pages(self) -> int:
-        return self._table.num_free + self._cols.reclaimable_pages()
+        return self._free_pages() + self._cols.reclaimable_pages()
+
+    def _free_pages(self) -> int:
+        """Free pool pages step may map now: with a budget, those holding memory plus the budget's room."""
+        if self._lease is None:
+            return self._table.num_free
+        table = self._table
+        holding = int(np.count_nonzero((table.refcount == 0) & table.resident))
+        room = self._lease.info().free_bytes // self.spec.page_bytes
+        return min(table.num_free, holding + room)
+
+    def _plan_growth(self, slots: np.ndarray, tokens: np.ndarray, needed: int) -> Growth:
+        free = None if self._lease is None else free_mask(self._table.refcount, self._table.resident, needed)
+        return self._cols.plan_growth(slots, tokens, self._table, free=free)
 
     # ---- the apply/undo pair of each record ----------------------------------------------------
     # The page table half and the column half of a change, in one place. Native calls are the
@@ -255,19 +294,21 @@ class VirtualKVCache(SlotCache):
             self._check_shared_lengths(slots, tokens)
         needed = self._cols.pages_to_map(slots, tokens)
         reused = self._cols.reused_pages(slots, tokens)
-        free = self._table.num_free
+        free = self._free_pages()
         reclaim = None
         if needed > free:
             protected = self._cols.protected(slots, tokens)
             available = free + self._cols.reclaimable_pages(protected)
             if needed > available:
+                if self._lease is not None and free < self._table.num_free:   # the budget is what is short
+                    self._lease.set_demand((needed - available) * self.spec.page_bytes)
                 raise VmemOutOfMemory("vmem.step: %d pages needed, %d free or reclaimable" % (needed, available),
                                       needed_pages=needed, free_pages=available, op="vmem.step")
             reclaim = self._shrink(self._cols.plan_reclaim(needed - free, protected), trim=False)
             self._counters["reclaimed_pages"] += reclaim.num_pages
             logger.debug("reclaimed %d pages from %d idle slots", reclaim.num_pages, len(reclaim.keep))
         if needed:
-            growth = self._cols.plan_growth(slots, tokens, self._table)
+            growth = self._plan_growth(slots, tokens, needed)
             try:
                 self._pages.map(growth.virt, growth.phys)
             except BaseException:
@@ -361,6 +402,64 @@ class VirtualKVCache(SlotCache):
         self._counters["reclaimed_pages"] += reclaim.num_pages
         return reclaim.num_pages
 
+    # ---- elastic budget (elastic.py) ----------------------------------------------------------
+    @property
+    def lease(self):
+        """The budget Lease pages are charged to, or None."""
+        return self._lease
+
+    def maintain(self, *, force: bool = False) -> int:
+        """Apply the BudgetPolicy (elastic.py): publish what could be given back, give reclaimable pages
+        back to waiting tenants and after the idle period, trim free pages still holding memory.
+        Returns the pages released. No-op without a budget; the queries run at most every
+        ``maintain_interval_s`` unless ``force``. May unmap (not inside a CUDA graph)."""
+        if self._lease is None or self._closed:
+            return 0
+        now = time.monotonic()
+        if not force and now - self._last_maintain < self.budget_policy.maintain_interval_s:
+            return 0
+        self._last_maintain = now
+        self._settle()
+        policy, page_bytes = self.budget_policy, self.spec.page_bytes
+        released = 0
+        if policy.idle_release_s is not None and not self._live.any() and self._idle.idle_for() >= policy.idle_release_s:
+            released += self.reclaim_idle()
+        elif policy.yield_to_waiters:
+            waiting = self._lease.info().others_waiting_bytes
+            if waiting > 0:
+                released += self._release_pages(-(-waiting // page_bytes))
+        self._pages.trim_unreferenced()
+        self._lease.set_reclaimable(self._cols.reclaimable_pages() * page_bytes)
+        return released
+
+    def _release_pages(self, num_pages: int) -> int:
+        """Unmap and trim about ``num_pages`` reclaimable pages (whole columns, policy order)."""
+        protected = self._cols.protected()
+        if not self._cols.reclaimable_pages(protected):
+            return 0
+        reclaim = self._shrink(self._cols.plan_reclaim(num_pages, protected), trim=True)
+        self._counters["reclaimed_pages"] += reclaim.num_pages
+        return reclaim.num_pages
+
+    def budget_short(self, needs: Mapping[int, int]) -> bool:
+        """True when step(needs) fails only because the shared budget is short (the pool could hold it):
+        the caller should wait, not preempt or fail. Records the shortfall as this tenant's demand, so
+        the others give reclaimable pages back (their maintain())."""
+        if self._lease is None:
+            return False
+        slots, tokens = self._parse_needs(needs)
+        needed = self._cols.pages_to_map(slots, tokens)
+        reclaimable = self._cols.reclaimable_pages(self._cols.protected(slots, tokens))
+        available = self._free_pages() + reclaimable
+        if needed <= available or needed > self._table.num_free + reclaimable:
+            return False                   # it fits, or the pool itself is too small
+        self._lease.set_demand((needed - available) * self.spec.page_bytes)
+        return True
+
+    def budget_reclaimable_elsewhere(self) -> int:
+        """Bytes the budget's other tenants say they could give back (0 without a budget)."""
+        return 0 if self._lease is None else self._lease.info().others_reclaimable_bytes
+
     # ---- async ----------------------------------------------------------------------------
     def prefetch(self, needs: Mapping[int, int]) -> None:
         """Start mapping what step(needs) will need on the native worker and return at once.
@@ -376,9 +475,9 @@ class VirtualKVCache(SlotCache):
         self._settle()
         cols = self._cols
         needed = cols.pages_to_map(slots, tokens)
-        free = self._table.num_free
         if not needed:
             return
+        free = self._free_pages()
         reclaim = uticket = None
         if needed > free:
             protected = cols.protected(slots, tokens)
@@ -388,7 +487,7 @@ class VirtualKVCache(SlotCache):
             uticket = self._prefetcher.submit_unmap(reclaim)
             self._apply_reclaim(reclaim)
             self._counters["reclaimed_pages"] += reclaim.num_pages
-        growth = cols.plan_growth(slots, tokens, self._table)
+        growth = self._plan_growth(slots, tokens, needed)
         try:
             ticket = self._prefetcher.submit_map(growth)
         except BaseException:
@@ -432,8 +531,17 @@ class VirtualKVCache(SlotCache):
     def stats(self) -> CacheStats:
         reclaimable = self._cols.reclaimable_pages()
         used = self._table.num_used - reclaimable          # physical pages: a shared page counts once
-        return self._stats(page_bytes=self.spec.page_bytes, total_pages=self.num_pool_pages, used_pages=used,
-                           reclaimable_pages=reclaimable, os_mappings=int(self._reservation.num_mappings))
+        s = self._stats(page_bytes=self.spec.page_bytes, total_pages=self.num_pool_pages, used_pages=used,
+                        reclaimable_pages=reclaimable, os_mappings=int(self._reservation.num_mappings))
+        if self._lease is None:
+            return s
+        info, page_bytes = self._lease.info(), self.spec.page_bytes
+        return s._replace(budget_limit_pages=info.limit_bytes // page_bytes,
+                          budget_held_pages=info.held_bytes // page_bytes,
+                          budget_total_held_pages=info.total_held_bytes // page_bytes,
+                          budget_waiting_pages=-(-info.waiting_bytes // page_bytes),
+                          budget_others_waiting_pages=-(-info.others_waiting_bytes // page_bytes),
+                          budget_peak_pages=info.peak_bytes // page_bytes)
 
     @property
     def counters(self) -> dict:
@@ -494,7 +602,9 @@ class VirtualKVCache(SlotCache):
             finally:
                 self._planes = []
                 self._reservation.close()
-                self._pool.close()
+                self._pool.close()                # gives the budget its pages back
+                if self._own_lease:
+                    self._lease.close()
 
 
 def _open_backend(backend, device):

@@ -102,8 +102,9 @@ class PageMapper:
 
     def trim(self, phys: np.ndarray) -> None:
         """Host: punch unreferenced pool pages out of the memfd. CUDA keeps its pooled handles (creating
-        one costs ~130 maps), so memory stays with the pool until close()."""
-        if phys.size and self.backend.name == "host":
+        one costs ~130 maps), so memory stays with the pool until close(), unless the pool is elastic
+        (a budget lease): then trim releases the handles and gives the budget its pages back."""
+        if phys.size and (self.backend.name == "host" or getattr(self.pool, "lease", None) is not None):
             self.pool.trim(phys)
             self.table.resident[phys] = False
             self.counters["trimmed_pages"] += int(phys.size)

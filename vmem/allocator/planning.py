@@ -139,9 +139,11 @@ class ColumnPlanner:
         virt = np.concatenate(virt) if virt else np.zeros(0, dtype=np.int64)
         return Reclaim(dict(keep), before, virt, table.phys[virt].astype(np.int64))
 
-    def plan_growth(self, slots: np.ndarray, tokens: np.ndarray, table: PageTable) -> Growth:
+    def plan_growth(self, slots: np.ndarray, tokens: np.ndarray, table: PageTable,
+                    free: np.ndarray | None = None) -> Growth:
         """The record of growing slots to cover ``tokens``, with pool pages chosen by place_pages (each
-        row continues its physical run where it can, so mappings merge)."""
+        row continues its physical run where it can, so mappings merge) among ``free`` ([num_pool_pages]
+        bool; None: every unreferenced page)."""
         g_slots, g_from, g_to = self.growth(slots, tokens)
         spec = self.spec
         virt, lasts, counts = [], [], []
@@ -154,7 +156,8 @@ class ColumnPlanner:
         if not virt:
             empty = np.zeros(0, dtype=np.int64)
             return Growth(g_slots, g_from, g_to, empty, empty)
-        phys = place_pages(table.refcount == 0, np.concatenate(lasts), np.concatenate(counts))
+        free = table.refcount == 0 if free is None else free.copy()
+        phys = place_pages(free, np.concatenate(lasts), np.concatenate(counts))
         return Growth(g_slots, g_from, g_to, np.concatenate(virt), phys)
 
     # ---- the column halves of applying and undoing records (cache.py does the page table halves) ----

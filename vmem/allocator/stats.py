@@ -44,6 +44,13 @@ class CacheStats(NamedTuple):
     peak_used_pages: int
     peak_live_slots: int
     peak_live_tokens: int
+    # elastic caches (a shared budget, allocator/elastic.py); 0 without one
+    budget_limit_pages: int = 0            # the budget's limit, in this cache's pages
+    budget_held_pages: int = 0             # pages this cache's lease holds (memory it has)
+    budget_total_held_pages: int = 0       # pages every tenant of the budget holds
+    budget_waiting_pages: int = 0          # this cache's refused demand (last 2 s)
+    budget_others_waiting_pages: int = 0   # the other tenants' demand
+    budget_peak_pages: int = 0
 
     @classmethod
     def build(cls, *, kind: str, page_bytes: int, total_pages: int, used_pages: int, reclaimable_pages: int,

@@ -233,9 +233,11 @@ class Lease:
                                              _bytes_arg(num_bytes, "num_bytes", "set_reclaimable")),
               "lease.set_reclaimable")
 
-    def clear_demand(self) -> None:
-        """Forget this lease's waiting demand (the request that wanted memory went away)."""
-        check(lib.vmem_lease_clear_demand(self._handle("clear_demand")), "lease.clear_demand")
+    def set_demand(self, num_bytes: int) -> None:
+        """Say this tenant waits for ``num_bytes`` more (0: no longer) without taking them; the other
+        tenants see it (LeaseInfo.others_waiting_bytes) for 2 s unless renewed."""
+        check(lib.vmem_lease_set_demand(self._handle("set_demand"), _bytes_arg(num_bytes, "num_bytes", "set_demand")),
+              "lease.set_demand")
 
     def info(self) -> LeaseInfo:
         out = ffi.new("vmem_lease_info_t *")

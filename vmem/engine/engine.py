@@ -31,6 +31,8 @@ from vmem.errors import VmemInvalidArgument, VmemOutOfMemory
 
 logger = logging.getLogger(__name__)
 
+# A step that only waits for other tenants of a shared KV budget sleeps this long (no busy loop).
+BUDGET_POLL_S = 0.002
 # Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): logits / T would overflow to inf.
 SAMPLING_EPS = 1e-5
 
@@ -143,14 +145,24 @@ class Engine:
         self.counters["aborted"] += 1
         self._pending_outputs.append(self._output(seq, []))
 
+    def maintain(self) -> None:
+        """Let an elastic cache give budget pages back (allocator/elastic.py); the server loop calls this
+        while idle, step() on every step. No-op for other caches."""
+        maintain = getattr(self.cache, "maintain", None)
+        if maintain is not None:
+            maintain()
+
     def step(self) -> list[RequestOutput]:
         outputs, self._pending_outputs = self._pending_outputs, []
+        self.maintain()
         batch = self.scheduler.schedule()
         for seq in batch.failed:
             self._seqs.pop(seq.request_id, None)
             self.counters["failed"] += 1
             outputs.append(self._output(seq, []))
         if not batch.seqs:
+            if self.scheduler.budget_blocked:
+                time.sleep(BUDGET_POLL_S)      # other tenants hold the memory: do not spin
             return outputs
         t0 = time.perf_counter()
         batch = self._map(batch, outputs)
@@ -186,7 +198,8 @@ class Engine:
         s = self.cache.stats()
         out = dict(s._asdict()) if hasattr(s, "_asdict") else dict(vars(s))
         out.update({"cache_kind": self.cache.kind, "num_running": self.num_running,
-                    "num_waiting": self.num_waiting, "num_preemptions": self.num_preemptions})
+                    "num_waiting": self.num_waiting, "num_preemptions": self.num_preemptions,
+                    "num_budget_waits": self.scheduler.num_budget_waits})
         out.update({k: (int(v) if float(v).is_integer() else v) for k, v in self.counters.items()})
         return out
 
@@ -314,7 +327,7 @@ def build_engine(model: Any = "tiny", cache_kind: str = "vmem", *, memory_bytes:
                  reclaim: str = "deferred", async_map: bool = True, seed: int = 0,
                  page_bytes: int | None = None, max_num_batched_tokens: int = 512,
                  prefill_chunk_tokens: int = 256, device: Any = None, dtype: Any = None,
-                 tokenizer: Any = None) -> Engine:
+                 tokenizer: Any = None, budget: Any = None, budget_policy: Any = None) -> Engine:
     """A model on a fresh cache of `cache_kind`, in one call.
 
     model: a preset name ("tiny", "small", "medium"), any other string or path = a Hugging Face checkpoint
@@ -322,6 +335,8 @@ def build_engine(model: Any = "tiny", cache_kind: str = "vmem", *, memory_bytes:
     the checkpoint's own; "float32", "bfloat16", "float16". memory_bytes: physical KV budget (None = enough
     for max_batch full-length sequences); max_seq_len: None = 1024, capped at the model's max_position;
     page_bytes: the vmem page size (None = the spec's default).
+    budget, budget_policy: vmem only: a shared KV budget (Budget, Lease, name or path) and its
+    BudgetPolicy (allocator/elastic.py); memory_bytes then defaults to the budget's limit.
     """
     from vmem.allocator import KVCacheSpec, make_cache
     model, model_tokenizer = _build_model(model, seed, dtype)
@@ -341,6 +356,10 @@ def build_engine(model: Any = "tiny", cache_kind: str = "vmem", *, memory_bytes:
     cache_kwargs = dict(memory_bytes=memory_bytes, backend=backend, device=device)
     if cache_kind == "vmem":
         cache_kwargs.update(reclaim=reclaim, async_map=async_map)
+        if budget is not None:
+            cache_kwargs.update(budget=budget, budget_policy=budget_policy)
+    elif budget is not None:
+        raise VmemInvalidArgument("a shared KV budget needs the vmem cache, not %r" % (cache_kind,))
     cache = make_cache(cache_kind, spec, **cache_kwargs)
     if hasattr(model, "to"):
         model = model.to(cache.device)          # "auto" puts the cache on the GPU when there is one

@@ -18,6 +18,10 @@ Policy per step (nano-vllm's, with vLLM's chunked prefill):
      must hold the newcomer's whole prefill plus a share (`new_token_ratio`, SGLang's policy) of the
      remaining max_tokens of it and of every running sequence; the share rises after a preemption
      and decays while none happen, so admission stops setting up the next preemption.
+With a shared KV budget (allocator/elastic.py), memory other tenants hold is not this engine's to
+preempt for: when the budget (not the pool) is short while other tenants hold reclaimable pages,
+running sequences wait (up to `budget_wait_s`, then preemption as usual) and the demand is recorded so
+those tenants give pages back; a waiting request whose prefill only the budget refuses stays queued.
 The scheduler decides and holds slots; the engine maps (`cache.step(needs)`) and runs the model.
 """
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import enum
 import math
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -85,9 +90,14 @@ class Scheduler:
     min_new_token_ratio: float = 0.1
     new_token_ratio_decay: float = 0.002
     new_token_ratio_bump: float = 0.25
+    # Shared budget: wait this long for other tenants' reclaimable pages before preempting.
+    budget_wait_s: float = 2.0
     waiting: deque = field(default_factory=deque)
     running: list = field(default_factory=list)
     num_preemptions: int = 0
+    num_budget_waits: int = 0             # steps that waited for the budget instead of preempting
+    budget_blocked: bool = False          # the last schedule() waited for the budget
+    _budget_wait_since: float | None = None
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -97,6 +107,7 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch([], [], {}, [])
+        self.budget_blocked = False
         before = self.num_preemptions
         budget = self._schedule_running(batch, self.max_num_batched_tokens)
         if self.num_preemptions == before:
@@ -117,6 +128,7 @@ class Scheduler:
         if self.cache.can_allocate({seq.slot: seq.num_cached_tokens + n for seq, n in plan}):
             for seq, n in plan:                # fast path: one query when everything fits
                 self._add(batch, seq, n)
+            self._budget_wait_since = None
             return left
         i = 0
         while i < len(self.running):
@@ -126,6 +138,8 @@ class Scheduler:
                 i += 1
                 continue
             trial = {**batch.needs, seq.slot: seq.num_cached_tokens + n}
+            if not self.cache.can_allocate(trial) and self._wait_for_budget(trial):
+                return budget             # this and later sequences wait; nothing is preempted
             while not self.cache.can_allocate(trial) and self.running[-1] is not seq:
                 self.preempt(self.running[-1])
             if not self.cache.can_allocate(trial):
@@ -146,9 +160,13 @@ class Scheduler:
             seq = self.waiting[0]
             n = min(seq.num_pending_tokens, self.prefill_chunk_tokens, budget)
             slot = self.cache.alloc_slot(seq.max_total_tokens)   # hint: a slot already mapped that far
-            if not self.cache.can_allocate(self._reservation(batch, slot, seq)):
+            need = self._reservation(batch, slot, seq)
+            if not self.cache.can_allocate(need):
+                short = getattr(self.cache, "budget_short", None)
+                budget_short = short is not None and short(need)   # other tenants hold the memory
                 self.cache.free_slot(slot)
-                if self.running:
+                if self.running or budget_short:
+                    self.budget_blocked |= budget_short
                     break
                 self.waiting.popleft()        # nothing else holds memory and its prefill does not fit
                 seq.status, seq.finish_reason = SeqStatus.FINISHED, "error"
@@ -177,6 +195,20 @@ class Scheduler:
         grow = math.ceil(self.new_token_ratio * max(remaining, 0))
         return min(len(seq.token_ids) + grow, seq.max_total_tokens, self.cache.spec.max_seq_len)
 
+    def _wait_for_budget(self, needs: dict[int, int]) -> bool:
+        """Budget short while other tenants hold reclaimable pages: wait (bounded by budget_wait_s)."""
+        short = getattr(self.cache, "budget_short", None)
+        if short is None or not short(needs) or not self.cache.budget_reclaimable_elsewhere():
+            return False
+        now = time.monotonic()
+        if self._budget_wait_since is None:
+            self._budget_wait_since = now
+        if now - self._budget_wait_since > self.budget_wait_s:
+            return False                       # waited long enough: preempt as without a budget
+        self.num_budget_waits += 1
+        self.budget_blocked = True
+        return True
+
     @staticmethod
     def _add(batch: ScheduledBatch, seq: Sequence, n: int) -> None:
         batch.seqs.append(seq)
@@ -202,6 +234,7 @@ class Scheduler:
     def reset_counters(self) -> None:
         """Zero the scheduler's counters (benchmarks measure after a warm-up)."""
         self.num_preemptions = 0
+        self.num_budget_waits = 0
 
     def preempt(self, seq: Sequence) -> None:
         """Recompute preemption: drop the K/V, keep the tokens, go back to the front of the queue."""

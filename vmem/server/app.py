@@ -365,6 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default="vmem", choices=["vmem", "paged", "static"])
     p.add_argument("--memory", type=parse_bytes, default=None,
                    help="physical KV memory, e.g. 256M or 2G (default: every slot at full length)")
+    p.add_argument("--kv-budget", default=None, metavar="NAME",
+                   help="share one KV budget with other servers: a name (/dev/shm/vmem-kv-NAME) or a path; "
+                        "--memory is its total, used when this server creates it (vmem cache only)")
+    p.add_argument("--kv-budget-min", type=parse_bytes, default=None, metavar="SIZE",
+                   help="with --kv-budget: memory guaranteed to this server (must be free at start)")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--backend", default="auto", choices=["auto", "host", "cuda"])
@@ -395,6 +400,20 @@ def parse_bytes(text: str | None) -> int | None:
         raise argparse.ArgumentTypeError("not a byte size: %r" % text) from None
 
 
+def _kv_budget(args) -> dict:
+    """build_engine arguments for --kv-budget: the shared budget (created with --memory when absent)."""
+    from vmem.allocator import BudgetPolicy
+    from vmem.backends import Budget
+    if args.cache != "vmem":
+        raise VmemInvalidArgument("--kv-budget needs --cache vmem")
+    budget = Budget(args.kv_budget, args.memory)
+    if args.memory is not None and budget.limit_bytes != args.memory:
+        logger.warning("KV budget %s exists with limit %d bytes; --memory %d is not applied",
+                       budget.path, budget.limit_bytes, args.memory)
+    return {"memory_bytes": None, "budget": budget,
+            "budget_policy": BudgetPolicy(min_bytes=args.kv_budget_min or 0)}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``vmem serve``."""
     import uvicorn
@@ -411,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_seq_len is not None:
         kwargs["max_seq_len"] = args.max_seq_len
     try:
+        if args.kv_budget is not None:
+            kwargs.update(_kv_budget(args))
         engine = build_engine(model=args.model, cache_kind=args.cache, **kwargs)
     except VmemError as exc:
         print("vmem serve: %s" % exc, file=sys.stderr)

@@ -123,8 +123,10 @@ class EngineLoop:
                 if busy:   # just went idle: the cheap moment to check the allocator's invariants
                     busy, last_stats = False, 0.0   # and the first busy step refreshes the stats
                     self.engine.cache.check_integrity()
+                self.engine.maintain()   # an elastic cache gives idle pages back to its shared budget
                 self._refresh_stats()
-                self._wakeup.wait(self._idle_wait_s)
+                elastic = getattr(self.engine.cache, "lease", None) is not None
+                self._wakeup.wait(min(self._idle_wait_s, 0.1) if elastic else self._idle_wait_s)
                 self._wakeup.clear()
         except BaseException as exc:  # the loop must report, not vanish
             logger.exception("engine loop died")
@@ -327,6 +329,15 @@ class ServerMetrics:
         for unit in ("pages", "bytes"):
             gauge("vmem_kv_%s" % unit, "KV cache %s by state" % unit,
                   [((("state", s),), _find(stats, "%s_%s" % (s, unit))) for s in _KV_STATES])
+        if _find(stats, "budget_limit_pages"):      # a KV budget shared with other servers
+            gauge("vmem_kv_budget_held_pages", "KV pages this server holds of the shared budget",
+                  [((), _find(stats, "budget_held_pages"))])
+            gauge("vmem_kv_budget_total_held_pages", "KV pages every tenant of the shared budget holds",
+                  [((), _find(stats, "budget_total_held_pages"))])
+            gauge("vmem_kv_budget_limit_pages", "The shared KV budget's total, in this server's pages",
+                  [((), _find(stats, "budget_limit_pages"))])
+            gauge("vmem_kv_budget_waiting_pages", "KV pages this server waits for (refused by the budget)",
+                  [((), _find(stats, "budget_waiting_pages"))])
         gauge("vmem_requests_running", "Requests running in the engine", [((), loop.num_running)])
         gauge("vmem_requests_waiting", "Requests queued, not yet running", [((), loop.num_queued)])
         gauge("vmem_preemptions_total", "Requests preempted (recomputed) by the engine",
