@@ -92,3 +92,41 @@ def test_near_zero_temperature_and_top_p_sample_the_top_token():
             assert got == greedy and last.finish_reason == "length", rid
     finally:
         engine.close()
+
+
+BAD_PARAMS = [
+    ("temperature nan", dict(temperature=float("nan"))), ("temperature inf", dict(temperature=float("inf"))),
+    ("temperature string", dict(temperature="0.5")), ("top_p nan", dict(top_p=float("nan"))),
+    ("max_tokens nan", dict(max_tokens=float("nan"))), ("max_tokens 2.5", dict(max_tokens=2.5)),
+    ("max_tokens True", dict(max_tokens=True)), ("stop of ints", dict(stop=[1])),
+    ("stop a string", dict(stop="ab")), ("stop empty string", dict(stop=[""])),
+    ("seed float", dict(temperature=1.0, seed=1.5)), ("ignore_eos string", dict(ignore_eos="no")),
+]
+
+
+@pytest.mark.parametrize("params", [b[1] for b in BAD_PARAMS], ids=[b[0] for b in BAD_PARAMS])
+def test_bad_sampling_params_are_refused_at_the_door_and_requests_in_flight_finish(params):
+    # Before: accepted, then the next step raised and failed every request in flight.
+    engine = build_engine("tiny", "vmem", max_batch=4, max_seq_len=128, backend="host")
+    try:
+        ids = engine.tokenizer.encode("in flight")
+        engine.add_request(Request("ok", ids, SamplingParams(max_tokens=6, ignore_eos=True)))
+        engine.step()
+        with pytest.raises(VmemInvalidArgument):
+            engine.add_request(Request("bad", ids, SamplingParams(**{"max_tokens": 4, **params})))
+        toks, last = collect(engine, "ok")
+        assert len(toks) == 5 and last.finish_reason == "length"
+        assert engine.stats()["live_slots"] == 0
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("prompt_ids", [[1.5, 2], [True, 3], ["a"]])
+def test_prompt_ids_that_are_not_integers_are_refused(prompt_ids):
+    engine = build_engine("tiny", "vmem", max_batch=2, max_seq_len=64, backend="host")
+    try:
+        with pytest.raises(VmemInvalidArgument, match="integers"):
+            engine.add_request(Request("r", prompt_ids, SamplingParams(max_tokens=2)))
+        assert not engine.has_work()
+    finally:
+        engine.close()

@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
+import numbers
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -45,6 +47,31 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] | None = None
     ignore_eos: bool = False
+
+    def check(self) -> None:
+        """Raise VmemInvalidArgument unless every field is one the engine can run (a NaN or a
+        non-integer here would otherwise fail a later step, and with it every request in flight)."""
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise VmemInvalidArgument(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not _is_real(self.temperature) or not 0 <= self.temperature < math.inf:
+            raise VmemInvalidArgument(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise VmemInvalidArgument(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not -(1 << 63) <= self.seed < (1 << 64)):
+            raise VmemInvalidArgument(f"seed must be None or an integer in [-2**63, 2**64), got {self.seed!r}")
+        if self.stop is not None and (isinstance(self.stop, str) or not isinstance(self.stop, (list, tuple))
+                                      or not all(isinstance(s, str) and s for s in self.stop)):
+            raise VmemInvalidArgument(f"stop must be None or a list of non-empty strings, got {self.stop!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise VmemInvalidArgument(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 @dataclass
@@ -117,17 +144,14 @@ class Engine:
             raise VmemInvalidArgument(f"request id {req.request_id!r} is already in the engine")
         if not req.prompt_ids:
             raise VmemInvalidArgument("prompt is empty")
-        if p.max_tokens < 1:
-            raise VmemInvalidArgument(f"max_tokens must be >= 1, got {p.max_tokens}")
-        if p.temperature < 0 or not 0 < p.top_p <= 1:
-            raise VmemInvalidArgument(f"need temperature >= 0 and 0 < top_p <= 1, got {p.temperature}, {p.top_p}")
+        p.check()
         total = len(req.prompt_ids) + p.max_tokens
         if total > self.max_seq_len:
             raise VmemInvalidArgument(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({p.max_tokens}) = "
                                       f"{total} exceeds the engine's max_seq_len {self.max_seq_len}")
-        if p.seed is not None and not -(1 << 63) <= p.seed < (1 << 64):
-            raise VmemInvalidArgument(f"seed must be in [-2**63, 2**64), got {p.seed}")
         vocab = self.model.config.vocab_size
+        if not all(_is_int(t) for t in req.prompt_ids):
+            raise VmemInvalidArgument("prompt token ids must be integers")
         if min(req.prompt_ids) < 0 or max(req.prompt_ids) >= vocab:
             raise VmemInvalidArgument(f"prompt token ids must be in [0, {vocab})")
         seq = Sequence(req, list(req.prompt_ids), len(req.prompt_ids))
