@@ -181,15 +181,16 @@ def test_budget_wait_is_bounded_then_preempts(tmp_path, one_thread):
 
 
 def test_metrics_show_the_tenant_and_the_budget(tmp_path, one_thread):
-    from vmem.server.app import build_parser, _kv_budget
+    from vmem.cli import build_parser
+    from vmem.server.app import _kv_budget
     from vmem.server.loop import ServerMetrics
 
-    args = build_parser().parse_args(["--kv-budget", str(tmp_path / "kv"), "--memory", "4M",
+    args = build_parser().parse_args(["serve", "--kv-budget", str(tmp_path / "kv"), "--memory", "4M",
                                       "--kv-budget-min", "64K"])
     kwargs = _kv_budget(args)
     assert kwargs["budget"].limit_bytes == 4 << 20 and kwargs["budget_policy"].min_bytes == 64 << 10
     eng = _engine(kwargs["budget"], budget_policy=kwargs["budget_policy"])
-    second = _engine(_kv_budget(build_parser().parse_args(["--kv-budget", str(tmp_path / "kv")]))["budget"])
+    second = _engine(_kv_budget(build_parser().parse_args(["serve", "--kv-budget", str(tmp_path / "kv")]))["budget"])
     s = eng.cache.alloc_slot()
     eng.cache.step({s: 100})
     t = second.cache.alloc_slot()

@@ -130,3 +130,65 @@ def test_replay_without_matplotlib_still_reports(tmp_path):
     assert "output tok/s" in proc.stdout and "vmem[bench]" in proc.stdout and "Traceback" not in proc.stderr
     assert json.loads((tmp_path / "r.json").read_text())["runs"]["vmem"]["metrics"]["completed"] == 4
     assert not (tmp_path / "r.png").exists()
+
+
+USAGE_ERRORS = [
+    # (argv, the flag the one-line message names)
+    (["serve", "--max-queued", "0"], "--max-queued"), (["serve", "--max-queued", "-1"], "--max-queued"),
+    (["serve", "--max-tokens", "0"], "--max-tokens"), (["serve", "--max-prompt-tokens", "0"], "--max-prompt-tokens"),
+    (["serve", "--max-prompt-tokens", "-5"], "--max-prompt-tokens"), (["serve", "--max-batch", "0"], "--max-batch"),
+    (["serve", "--port", "99999"], "--port"), (["serve", "--port", "0"], "--port"), (["serve", "--port", "x"], "--port"),
+    (["serve", "--log-level", "nonsense"], "--log-level"), (["serve", "--memory", "0"], "--memory"),
+    (["serve", "--memory", "-1G"], "--memory"), (["serve", "--torch-threads", "0"], "--torch-threads"),
+    (["serve", "--max-body-bytes", "0"], "--max-body-bytes"), (["serve", "--header-timeout", "0"], "--header-timeout"),
+    (["serve", "--body-timeout", "nan"], "--body-timeout"), (["serve", "--shutdown-timeout", "-1"], "--shutdown-timeout"),
+    (["serve", "--max-connections", "0"], "--max-connections"), (["serve", "--api-key", ""], "--api-key"),
+    (["stress", "--memory-mb", "nan"], "--memory-mb"), (["stress", "--memory-mb", "inf"], "--memory-mb"),
+    (["stress", "--memory-mb", "0"], "--memory-mb"), (["stress", "--seconds", "nan"], "--seconds"),
+    (["stress", "--fault-rate", "1.5"], "--fault-rate"), (["stress", "--max-ops", "-1"], "--max-ops"),
+]
+
+
+@pytest.mark.parametrize("argv,flag", USAGE_ERRORS, ids=[" ".join(a) for a, _ in USAGE_ERRORS])
+def test_flag_values_that_cannot_work_are_one_line_usage_errors(argv, flag, capsys):
+    # Before: --max-queued 0 made a server that answered 429 to everything, 0 meant "no limit",
+    # --port 99999 / --log-level nonsense / --memory-mb nan died with tracebacks.
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and flag in lines[0] and lines[0].startswith("vmem %s: error:" % argv[0]), captured.err
+    assert captured.out == ""
+
+
+def test_log_level_is_case_insensitive():
+    from vmem.cli import build_parser
+    assert build_parser().parse_args(["serve", "--log-level", "WARNING"]).log_level == "warning"
+
+
+# A base install (no `server` extra): FastAPI, Starlette, uvicorn and pydantic cannot be imported.
+_WITHOUT_SERVER_EXTRA = """
+import sys
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("fastapi", "starlette", "uvicorn", "pydantic"):
+            raise ModuleNotFoundError("No module named %r" % name, name=name)
+        return None
+sys.meta_path.insert(0, Blocker())
+from vmem.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_serve_without_the_server_extra_is_one_line_and_exit_2():
+    p = subprocess.run([sys.executable, "-c", _WITHOUT_SERVER_EXTRA, "serve", "--port", "8123"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and "pip install 'vmem[server]'" in lines[0], p.stderr
+    assert "Traceback" not in p.stderr
+    # --help needs no extra: the flags live in vmem/cli.py
+    h = subprocess.run([sys.executable, "-c", _WITHOUT_SERVER_EXTRA, "serve", "--help"],
+                       capture_output=True, text=True, timeout=120)
+    assert h.returncode == 0 and "--max-body-bytes" in h.stdout and "--api-key" in h.stdout, h.stderr

@@ -24,7 +24,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from vmem.engine.engine import Request, SamplingParams, build_engine  # noqa: E402
-from vmem.server.app import ServerLimits, create_app  # noqa: E402
+from vmem.server.app import ServerLimits, build_server, create_app  # noqa: E402
 
 MODEL = "tiny"
 MAX_SEQ_LEN = 256
@@ -81,13 +81,12 @@ class StepGate:
 class LiveServer:
     """uvicorn on 127.0.0.1:<free port> in a daemon thread, its engine behind a StepGate."""
 
-    def __init__(self, engine, limits: ServerLimits | None = None):
+    def __init__(self, engine, limits: ServerLimits | None = None, *, api_key: str | None = None, **server_kw):
         self.engine = engine
         self.gate = StepGate(engine)
-        self.app = create_app(engine, model_name=MODEL, limits=limits)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
-                                timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
+        self.app = create_app(engine, model_name=MODEL, limits=limits, api_key=api_key)
+        self.server = build_server(self.app, host="127.0.0.1", port=0, log_level="warning",
+                                   **{"shutdown_timeout_s": 5, **server_kw})
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -96,7 +95,7 @@ class LiveServer:
             time.sleep(0.01)
         port = self.server.servers[0].sockets[0].getsockname()[1]
         self.url = "http://127.0.0.1:%d" % port
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=api_key or "unused", max_retries=0, timeout=60)
 
     def metrics(self) -> dict:
         return parse_prometheus(httpx.get(self.url + "/metrics", timeout=10).text)
@@ -628,7 +627,7 @@ def test_main_serves_and_shuts_down_gracefully():
 def test_bad_memory_sizes_are_usage_errors(text):
     import argparse
 
-    from vmem.server.app import parse_bytes
+    from vmem.cli import parse_bytes
     with pytest.raises(argparse.ArgumentTypeError):
         parse_bytes(text)
     assert parse_bytes("1.5K") == 1536 and parse_bytes("2GiB") == 2 << 30 and parse_bytes("4096") == 4096

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from vmem import stress
+from vmem.cli import build_parser
 
 SMALL = ["--layers", "2", "--kv-heads", "2", "--head-dim", "32", "--max-batch", "8", "--max-seq-len", "1024",
          "--page-bytes", "8192", "--memory-mb", "2", "--backend", "host", "--fault-rate", "0.2"]
@@ -27,7 +28,7 @@ def test_stress_runs_clean(extra, tmp_path):
 
 
 def test_stress_notices_lost_data():
-    args = stress.build_parser().parse_args(SMALL + ["--fault-rate", "0"])
+    args = build_parser().parse_args(["stress", *SMALL, "--fault-rate", "0"])
     s = stress.Stress(args)
     while not any(s.probes.values()):
         s.one_op()

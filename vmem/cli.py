@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -18,16 +19,8 @@ from vmem.errors import VmemError, VmemInvalidArgument
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # serve and stress own their flags; hand them the rest of the line untouched.
-    if argv and argv[0] == "serve":
-        from vmem.server import app
-        return _rc(app.main(argv[1:]))
-    if argv and argv[0] == "stress":
-        from vmem import stress
-        return _rc(stress.main(argv[1:]))
-    parser = _parser()
-    args = parser.parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.command is None:
         parser.print_help()
         return 2
@@ -38,22 +31,82 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _rc(value) -> int:
-    return value if isinstance(value, int) else 0
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line on stderr and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, "%s: error: %s (see %s --help)\n" % (self.prog, message, self.prog))
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vmem", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the whole `vmem` command (every subcommand's flags); ``args.func(args)`` runs it."""
+    p = _Parser(prog="vmem", description=__doc__.splitlines()[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="command")
-    sub.add_parser("serve", help="OpenAI-compatible HTTP server (vmem serve --help)", add_help=False)
-    sub.add_parser("stress", help="allocator stress test (vmem stress --help)", add_help=False)
-
     info = sub.add_parser("info", help="backend, granularity, limits, what the machine supports")
     info.add_argument("--backend", default="auto", choices=("auto", "host", "cuda"))
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(func=cmd_info)
+    _add_replay(sub)
+    _add_serve(sub)
+    _add_stress(sub)
+    return p
 
+
+# -- argument types: a bad value is a usage error (exit 2) that names the flag -----------------------
+
+def _int_in(lo: int, hi: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("not an integer: %r" % text) from None
+        if value < lo or (hi is not None and value > hi):
+            where = "in [%d, %d]" % (lo, hi) if hi is not None else ">= %d" % lo
+            raise argparse.ArgumentTypeError("must be %s, got %d" % (where, value))
+        return value
+    return parse
+
+
+def _float_in(lo: float, hi: float = math.inf, *, lo_open: bool = False):
+    """A finite float in [lo, hi], or (lo, hi] when ``lo_open``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("not a number: %r" % text) from None
+        if not math.isfinite(value) or value < lo or (lo_open and value == lo) or value > hi:
+            where = "%s%g, %s" % ("(" if lo_open else "[", lo, "inf)" if hi == math.inf else "%g]" % hi)
+            raise argparse.ArgumentTypeError("must be a finite number in %s, got %r" % (where, text))
+        return value
+    return parse
+
+
+def _nonempty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def parse_bytes(text: str) -> int:
+    """``"512M"`` -> 536870912; plain integers are bytes; a size must be positive."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    s = text.strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        value = int(float(s[:-1]) * units[s[-1]]) if s and s[-1] in units else int(s)
+    except (ValueError, OverflowError):   # OverflowError: int(float("inf"))
+        raise argparse.ArgumentTypeError("not a byte size: %r" % text) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive byte size, got %r" % text)
+    return value
+
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")   # uvicorn's
+
+
+# -- replay ----------------------------------------------------------------------------------------
+
+def _add_replay(sub) -> None:
     r = sub.add_parser("replay", help="run a trace through the engine on the wall clock",
                        description="Replay a trace through the reference engine, arrivals paced on the wall clock.")
     r.add_argument("--trace", help="Azure or BurstGPT CSV (default: the bundled Azure conversation trace)")
@@ -93,7 +146,6 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--png", default="out/replay.png", help="figure path")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=cmd_replay)
-    return p
 
 
 def _replay_config(args):
@@ -158,6 +210,102 @@ def cmd_replay(args) -> int:
     print("JSON: %s" % json_path)
     print("figure: %s" % png_path)
     return 0
+
+
+# -- serve -----------------------------------------------------------------------------------------
+
+SERVER_EXTRA_MODULES = ("fastapi", "starlette", "uvicorn", "pydantic", "h11", "anyio")
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server over the reference engine",
+                       description="OpenAI-compatible HTTP server over the vmem reference engine (docs/server.md).")
+    p.add_argument("--model", default="tiny",
+                   help="a preset (tiny, small, medium; default tiny) or a local Hugging Face checkpoint directory")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and KV cache dtype (auto: the checkpoint's; float32 for presets)")
+    p.add_argument("--cache", default="vmem", choices=["vmem", "paged", "static"])
+    p.add_argument("--memory", type=parse_bytes, default=None,
+                   help="physical KV memory, e.g. 256M or 2G (default: every slot at full length)")
+    p.add_argument("--kv-budget", default=None, metavar="NAME",
+                   help="share one KV budget with other servers: a name (/dev/shm/vmem-kv-NAME) or a path; "
+                        "--memory is its total, used when this server creates it (vmem cache only)")
+    p.add_argument("--kv-budget-min", type=parse_bytes, default=None, metavar="SIZE",
+                   help="with --kv-budget: memory guaranteed to this server (must be free at start)")
+    p.add_argument("--max-batch", type=_int_in(1), default=16)
+    p.add_argument("--max-seq-len", type=_int_in(1), default=None)
+    p.add_argument("--backend", default="auto", choices=["auto", "host", "cuda"])
+    p.add_argument("--host", default="127.0.0.1",
+                   help="bind address (default: loopback only; elsewhere, set --api-key)")
+    p.add_argument("--port", type=_int_in(1, 65535), default=8000)
+    p.add_argument("--api-key", type=_nonempty, default=os.environ.get("VMEM_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $VMEM_API_KEY; none: no auth)")
+    p.add_argument("--max-prompt-tokens", type=_int_in(1), default=None, help="longer prompts get 400")
+    p.add_argument("--max-tokens", type=_int_in(1), default=None, help="largest max_tokens a request may ask")
+    p.add_argument("--max-queued", type=_int_in(1), default=512, help="queued requests before 429")
+    p.add_argument("--max-body-bytes", type=parse_bytes, default="8M",
+                   help="larger request bodies get 413 before they are read (default: 8M)")
+    p.add_argument("--max-connections", type=_int_in(1), default=1024,
+                   help="open connections; a request on one more gets 503 (default: 1024)")
+    p.add_argument("--header-timeout", type=_float_in(0, lo_open=True), default=10.0, metavar="S",
+                   help="seconds a connection may take to send a request's headers (default: 10)")
+    p.add_argument("--body-timeout", type=_float_in(0, lo_open=True), default=30.0, metavar="S",
+                   help="seconds a request may take to send its body; then 408 (default: 30)")
+    p.add_argument("--shutdown-timeout", type=_float_in(0), default=10.0, metavar="S",
+                   help="seconds running requests get to finish on SIGTERM/SIGINT; then 503 (default: 10)")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--torch-threads", type=_int_in(1), default=None,
+                   help="torch intra-op threads (default: torch's); 1 suits small models on busy cores")
+    p.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    try:
+        from vmem.server import app
+    except ModuleNotFoundError as exc:   # a base install, without the server extra
+        if (exc.name or "").partition(".")[0] not in SERVER_EXTRA_MODULES:
+            raise
+        print("vmem serve: needs the server extra (no module %r): pip install 'vmem[server]'" % exc.name,
+              file=sys.stderr)
+        return 2
+    return app.serve(args)
+
+
+# -- stress ----------------------------------------------------------------------------------------
+
+def _add_stress(sub) -> None:
+    p = sub.add_parser("stress", help="allocator stress test (randomised traffic, injected faults)",
+                       description="Allocator stress test for your own configuration (vmem/stress.py): "
+                                   "randomised traffic and injected faults on a VirtualKVCache; nothing may be lost.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--seconds", type=_float_in(0, lo_open=True), default=10.0, help="run this long")
+    p.add_argument("--max-ops", type=_int_in(0), default=0, help="stop after this many operations (0: no limit)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-seq-len", type=int, default=4096)
+    p.add_argument("--page-bytes", type=int, default=65536)
+    p.add_argument("--layout", default="NHD", choices=["NHD", "HND", "GROUPED"])
+    p.add_argument("--group", type=int, default=1, help="layers per group (GROUPED layout)")
+    p.add_argument("--memory-mb", type=_float_in(0, lo_open=True), default=128, help="physical KV budget")
+    p.add_argument("--backend", default="auto", choices=["auto", "host", "cuda"])
+    p.add_argument("--reclaim", default="deferred", choices=["deferred", "eager"])
+    p.add_argument("--async", dest="async_map", action="store_true", help="prefetch steps on the native worker")
+    p.add_argument("--fault-rate", type=_float_in(0, 1), default=0.02,
+                   help="share of steps with an injected native failure")
+    p.add_argument("--check-every", type=_int_in(0), default=0, help="ops between integrity checks (0: auto)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the report to this file")
+    p.set_defaults(func=cmd_stress)
+
+
+def cmd_stress(args) -> int:
+    from vmem import stress
+    return stress.run(args)
 
 
 def machine_info(backend: str = "auto") -> dict:

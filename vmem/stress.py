@@ -12,7 +12,6 @@ vmem refuses (bad spec, memory budget or backend).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -24,31 +23,6 @@ from vmem.allocator import KVCacheSpec, VirtualKVCache
 from vmem.errors import VmemDriverError, VmemError, VmemIntegrityError, VmemMapLimitError, VmemOutOfMemory
 
 PROBES_PER_SLOT = 32
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vmem stress", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--seconds", type=float, default=10.0, help="run this long")
-    p.add_argument("--max-ops", type=int, default=0, help="stop after this many operations (0: no limit)")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--max-seq-len", type=int, default=4096)
-    p.add_argument("--page-bytes", type=int, default=65536)
-    p.add_argument("--layout", default="NHD", choices=["NHD", "HND", "GROUPED"])
-    p.add_argument("--group", type=int, default=1, help="layers per group (GROUPED layout)")
-    p.add_argument("--memory-mb", type=float, default=128, help="physical KV budget")
-    p.add_argument("--backend", default="auto", choices=["auto", "host", "cuda"])
-    p.add_argument("--reclaim", default="deferred", choices=["deferred", "eager"])
-    p.add_argument("--async", dest="async_map", action="store_true", help="prefetch steps on the native worker")
-    p.add_argument("--fault-rate", type=float, default=0.02, help="share of steps with an injected native failure")
-    p.add_argument("--check-every", type=int, default=0, help="ops between integrity checks (0: auto)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="also write the report to this file")
-    return p
 
 
 class Stress:
@@ -221,8 +195,14 @@ class Stress:
         return report
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vmem.stress [flags]``: the same as ``vmem stress [flags]`` (flags in vmem/cli.py)."""
+    from vmem.cli import main as vmem_main
+    return vmem_main(["stress", *(sys.argv[1:] if argv is None else argv)])
+
+
+def run(args) -> int:
+    """Run the harness for parsed ``vmem stress`` arguments; returns the exit status."""
     try:
         harness = Stress(args)
     except VmemError as exc:          # a spec, memory budget or backend this machine refuses

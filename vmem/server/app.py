@@ -2,32 +2,47 @@
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (SSE streaming when
 ``"stream": true``, ending with ``data: [DONE]``; ``stream_options.include_usage`` adds a usage
-chunk), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text).
+chunk), ``GET /v1/models``, ``GET|HEAD /health``, ``GET /metrics`` (Prometheus text).
 
 One engine thread (``EngineLoop``) steps the engine; each request owns an ``asyncio.Queue`` that
-the thread fills through ``loop.call_soon_threadsafe``. Limits (prompt tokens, ``max_tokens``,
-queued requests) answer 400 / 429 with OpenAI's error JSON; malformed bodies answer 400. A client
-that goes away, streaming or not, has its request aborted at once, which frees its KV slot.
+the thread fills through ``loop.call_soon_threadsafe``. A request body is read under a size cap
+(413) and a deadline (408), then parsed, validated and tokenized on a worker thread, so a large
+prompt never stalls the event loop. Limits (prompt tokens, ``max_tokens``, queued requests) answer
+400 / 429 with OpenAI's error JSON. A client that goes away, streaming or not, has its request
+aborted at once, which frees its KV slot. ``build_server`` adds what uvicorn lacks: a deadline
+for each request's headers, and a shutdown that ends every request still running after the grace
+period with 503 ``shutting_down`` (streams: an error event, then ``[DONE]``).
+The command line (``vmem serve``) is parsed in vmem/cli.py and run by ``serve(args)``.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
+import hashlib
+import ipaddress
 import json
 import logging
+import secrets
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
 try:
+    import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from pydantic import ValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
-except ImportError as exc:   # an optional dependency
-    raise ImportError("vmem serve needs FastAPI and uvicorn: pip install 'vmem[server]' (%s)" % exc) from exc
+    from starlette.requests import ClientDisconnect
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+except ModuleNotFoundError as exc:   # an optional dependency; vmem/cli.py turns this into one line
+    raise ModuleNotFoundError("vmem serve needs FastAPI and uvicorn: pip install 'vmem[server]' (%s)" % exc,
+                              name=exc.name) from exc
 
 from vmem.engine.engine import Request as EngineRequest, SamplingParams
 from vmem.server.protocol import (
@@ -48,11 +63,25 @@ class _ClientGone(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class ServerLimits:
-    """Per-request and queue limits; ``None`` means the engine's own bound (max_seq_len)."""
+    """Per-request and queue limits; ``None`` means the engine's own bound (max_seq_len).
+    Every limit must be positive: none of them can be set so that the server refuses everything."""
     max_prompt_tokens: int | None = None
     max_tokens: int | None = None     # largest max_tokens a request may ask for
     max_queued: int = 512             # requests waiting to run; more answer 429
     default_max_tokens: int = 16      # /v1/completions default, as OpenAI
+    max_body_bytes: int = 8 << 20     # larger bodies answer 413, before they are read
+    body_timeout_s: float = 30.0      # a body still arriving after this answers 408
+
+    def __post_init__(self):
+        for name in ("max_prompt_tokens", "max_tokens", "max_queued", "default_max_tokens", "max_body_bytes"):
+            value = getattr(self, name)
+            if value is None and name in ("max_prompt_tokens", "max_tokens"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise VmemInvalidArgument("ServerLimits.%s must be an integer >= 1, got %r" % (name, value))
+        t = self.body_timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+            raise VmemInvalidArgument("ServerLimits.body_timeout_s must be a positive number of seconds, got %r" % (t,))
 
 
 class ServerState:
@@ -68,6 +97,27 @@ class ServerState:
         self.engine_loop: EngineLoop | None = None   # made on the event loop, at startup
         self.metrics = ServerMetrics()
         self.created = int(time.time())
+        self.shutting_down = False                   # set by build_server's shutdown
+        # Parsing and tokenizing run here, off the event loop; two threads bound the memory they hold.
+        self.prepare_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="vmem-prepare")
+
+    def prepare(self, raw: bytes, schema: type, request_id: str):
+        """Parse and validate a request body, then build the engine Request: ``(body, request, stop)``.
+        Runs on a worker thread; raises ApiError."""
+        try:
+            obj = json.loads(raw)
+        except ValueError as exc:   # JSONDecodeError, or bytes that are not UTF-8/16/32
+            raise ApiError(400, "request body is not valid JSON: %s" % exc) from None
+        try:
+            body = schema.model_validate(obj)
+        except ValidationError as exc:
+            message, param = describe_validation_errors(list(exc.errors()))
+            raise ApiError(400, message, param=param) from None
+        try:
+            engine_request, stop = self.make_request(body, request_id)
+        except VmemInvalidArgument as exc:   # e.g. the tokenizer refused the input
+            raise ApiError(400, str(exc)) from None
+        return body, engine_request, stop
 
     # -- request admission -----------------------------------------------------------------------
     def prompt_ids(self, body: CompletionRequest | ChatCompletionRequest) -> list[int]:
@@ -97,11 +147,15 @@ class ServerState:
         num_prompt = len(ids)
         if num_prompt == 0:
             raise ApiError(400, "the prompt is empty", param="prompt")
-        max_prompt = min(self.limits.max_prompt_tokens or self.max_seq_len, self.max_seq_len - 1)
+        max_prompt = self.max_seq_len - 1
+        if self.limits.max_prompt_tokens is not None:
+            max_prompt = min(self.limits.max_prompt_tokens, max_prompt)
         if num_prompt > max_prompt:
             raise ApiError(400, "the prompt has %d tokens; this server accepts at most %d"
                            % (num_prompt, max_prompt), code="prompt_too_long", param="prompt")
         max_tokens = self._max_tokens(body, num_prompt)
+        if self.shutting_down:
+            raise ApiError(503, "server is shutting down", type="server_error", code="shutting_down")
         if not self.engine_loop.alive:
             raise ApiError(503, "the engine is down: %r" % (self.engine_loop.error,), type="server_error",
                            code="engine_down")
@@ -118,7 +172,7 @@ class ServerState:
     def _max_tokens(self, body, num_prompt: int) -> int:
         """The request's max_tokens, defaulted and checked against the limits and the room left."""
         room = self.max_seq_len - num_prompt
-        cap = min(self.limits.max_tokens or self.max_seq_len, room)
+        cap = room if self.limits.max_tokens is None else min(self.limits.max_tokens, room)
         if isinstance(body, ChatCompletionRequest):
             max_tokens = body.requested_max_tokens()
             param = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
@@ -221,13 +275,42 @@ def _sse(obj: Any) -> str:
     return "data: %s\n\n" % json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
-async def _generate(state: ServerState, request: Request, body, chat: bool):
+async def _read_body(request: Request, limits: ServerLimits) -> bytes:
+    """The request body, at most ``limits.max_body_bytes`` (413 otherwise, said from the
+    Content-Length before a byte of the body is read), within ``limits.body_timeout_s`` (408)."""
+    cap = limits.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > cap:
+        raise ApiError(413, "the request body is %s bytes; this server accepts at most %d" % (declared.strip(), cap),
+                       code="body_too_large")
+    chunks: list[bytes] = []
+    size = 0
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:   # chunked, or more than it declared
+                raise ApiError(413, "the request body is over %d bytes, the most this server accepts" % cap,
+                               code="body_too_large")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), limits.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, "the request body took longer than %g s to arrive" % limits.body_timeout_s,
+                       code="body_timeout") from None
+    return b"".join(chunks)
+
+
+async def _generate(state: ServerState, request: Request, schema: type, chat: bool):
     request_id = new_id("chatcmpl" if chat else "cmpl")
     try:
-        engine_request, stop = state.make_request(body, request_id)
-    except VmemInvalidArgument as exc:   # e.g. the tokenizer refused the input
-        state.metrics.on_reject(400)
-        raise ApiError(400, str(exc)) from None
+        raw = await _read_body(request, state.limits)
+        body, engine_request, stop = await asyncio.get_running_loop().run_in_executor(
+            state.prepare_pool, state.prepare, raw, schema, request_id)
+    except ClientDisconnect:
+        return Response(status_code=499)   # gone before its body arrived; nobody reads this
     except ApiError as err:
         state.metrics.on_reject(err.status_code)
         raise
@@ -286,8 +369,42 @@ async def _stream(flight: _Flight, shaper: ResponseShaper, include_usage: bool, 
 
 # ---------------------------------------------------------------------------------------------
 
-def create_app(engine, *, model_name: str = "tiny", limits: ServerLimits | None = None) -> FastAPI:
-    """The FastAPI app over ``engine``; the engine thread runs for the app's lifespan."""
+class _ApiKeyAuth:
+    """ASGI middleware: every path but /health and /metrics needs ``Authorization: Bearer <key>``
+    (as vLLM's ``--api-key``); otherwise 401 with OpenAI's error JSON. Keys are compared as
+    SHA-256 digests in constant time."""
+
+    PUBLIC_PATHS = ("/health", "/metrics")
+
+    def __init__(self, app, api_key: str, on_reject=None):
+        self.app = app
+        self._digest = hashlib.sha256(api_key.encode()).digest()
+        self._on_reject = on_reject
+
+    def _authorized(self, scope) -> bool:
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                scheme, _, token = value.decode("latin-1").partition(" ")
+                return scheme.lower() == "bearer" and secrets.compare_digest(
+                    hashlib.sha256(token.strip().encode("latin-1")).digest(), self._digest)
+        return False
+
+    async def __call__(self, scope, receive, send):
+        if (scope["type"] == "http" and scope["method"] != "OPTIONS"
+                and scope["path"] not in self.PUBLIC_PATHS and not self._authorized(scope)):
+            if self._on_reject is not None:
+                self._on_reject(401)
+            body = error_body("missing or wrong API key: send 'Authorization: Bearer <key>'",
+                              code="invalid_api_key")
+            await JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def create_app(engine, *, model_name: str = "tiny", limits: ServerLimits | None = None,
+               api_key: str | None = None) -> FastAPI:
+    """The FastAPI app over ``engine``; the engine thread runs for the app's lifespan.
+    ``api_key``: require it as a Bearer token on every path but /health and /metrics."""
     state = ServerState(engine, model_name, limits or ServerLimits())
 
     @contextlib.asynccontextmanager
@@ -299,6 +416,7 @@ def create_app(engine, *, model_name: str = "tiny", limits: ServerLimits | None 
         try:
             yield
         finally:
+            state.prepare_pool.shutdown(wait=False, cancel_futures=True)
             if state.engine_loop.stop():
                 logger.info("engine thread stopped")
             else:
@@ -306,6 +424,10 @@ def create_app(engine, *, model_name: str = "tiny", limits: ServerLimits | None 
 
     app = FastAPI(title="vmem", lifespan=lifespan)
     app.state.vmem = state
+    if api_key is not None:
+        if not api_key:
+            raise VmemInvalidArgument("api_key must not be empty")
+        app.add_middleware(_ApiKeyAuth, api_key=api_key, on_reject=state.metrics.on_reject)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError):
@@ -328,13 +450,19 @@ def create_app(engine, *, model_name: str = "tiny", limits: ServerLimits | None 
         return JSONResponse(error_body("internal error: %s" % type(err).__name__, type="server_error"),
                             status_code=500)
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        return await _generate(state, request, body, chat=False)
+    # The bodies are read and parsed by _generate (size cap, deadline, off the event loop);
+    # openapi_extra keeps their schemas in /docs.
+    def body_doc(schema) -> dict:
+        return {"requestBody": {"required": True, "content": {"application/json": {
+            "schema": schema.model_json_schema()}}}}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await _generate(state, request, body, chat=True)
+    @app.post("/v1/completions", openapi_extra=body_doc(CompletionRequest))
+    async def completions(request: Request):
+        return await _generate(state, request, CompletionRequest, chat=False)
+
+    @app.post("/v1/chat/completions", openapi_extra=body_doc(ChatCompletionRequest))
+    async def chat_completions(request: Request):
+        return await _generate(state, request, ChatCompletionRequest, chat=True)
 
     @app.get("/v1/models")
     async def models():
@@ -342,7 +470,7 @@ def create_app(engine, *, model_name: str = "tiny", limits: ServerLimits | None 
             "id": model_name, "object": "model", "created": state.created, "owned_by": "vmem",
             "max_model_len": state.max_seq_len}]}
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if not state.engine_loop.alive:
             return JSONResponse({"status": "engine down"}, status_code=503)
@@ -356,48 +484,92 @@ def create_app(engine, *, model_name: str = "tiny", limits: ServerLimits | None 
     return app
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vmem serve", description="OpenAI-compatible server over the vmem engine")
-    p.add_argument("--model", default="tiny",
-                   help="a preset (tiny, small, medium; default tiny) or a local Hugging Face checkpoint directory")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and KV cache dtype (auto: the checkpoint's; float32 for presets)")
-    p.add_argument("--cache", default="vmem", choices=["vmem", "paged", "static"])
-    p.add_argument("--memory", type=parse_bytes, default=None,
-                   help="physical KV memory, e.g. 256M or 2G (default: every slot at full length)")
-    p.add_argument("--kv-budget", default=None, metavar="NAME",
-                   help="share one KV budget with other servers: a name (/dev/shm/vmem-kv-NAME) or a path; "
-                        "--memory is its total, used when this server creates it (vmem cache only)")
-    p.add_argument("--kv-budget-min", type=parse_bytes, default=None, metavar="SIZE",
-                   help="with --kv-budget: memory guaranteed to this server (must be free at start)")
-    p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--max-seq-len", type=int, default=None)
-    p.add_argument("--backend", default="auto", choices=["auto", "host", "cuda"])
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-prompt-tokens", type=int, default=None)
-    p.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask")
-    p.add_argument("--max-queued", type=int, default=512, help="queued requests before 429")
-    p.add_argument("--served-model-name", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--torch-threads", type=int, default=None,
-                   help="torch intra-op threads (default: torch's); 1 suits small models on busy cores")
-    p.add_argument("--log-level", default="info")
-    return p
+# ---------------------------------------------------------------------------------------------
+# The HTTP server: uvicorn, plus a header deadline and a shutdown that answers every request
+
+SHUTDOWN_MARGIN_S = 5.0   # after the grace period, time for the 503s to be written before uvicorn cancels
 
 
-def parse_bytes(text: str | None) -> int | None:
-    """``"512M"`` -> 536870912; plain integers are bytes."""
-    if text is None:
-        return None
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    s = text.strip().upper().removesuffix("IB").removesuffix("B")
+def _header_deadline_protocol(timeout_s: float) -> type:
+    """uvicorn's HTTP protocol, closing a connection that has not sent a whole request head within
+    ``timeout_s`` of opening or of its last response (uvicorn itself waits forever: slowloris)."""
+
+    class HeaderDeadlineProtocol(AutoHTTPProtocol):
+        _header_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._arm_header_timer()
+
+        def connection_lost(self, exc):
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_header_timer(self):
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            self._header_timer = self.loop.call_later(timeout_s, self._header_timeout)
+
+        def _header_timeout(self):
+            self._header_timer = None
+            if self.cycle is not None and not self.cycle.response_complete:
+                return   # its head arrived: a request is running (its body has its own deadline)
+            if not self.transport.is_closing():
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n"
+                                     b"connection: close\r\n\r\n")
+                self.transport.close()
+
+    return HeaderDeadlineProtocol
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server; on shutdown, once ``grace_s`` has passed, the engine loop stops, so each
+    request still running gets 503 ``shutting_down`` (a stream: an error event, then [DONE])
+    before uvicorn would cancel it (a plain-text 500, or a stream cut short)."""
+
+    def __init__(self, config, state: ServerState, grace_s: float):
+        super().__init__(config)
+        self._state = state
+        self._grace_s = grace_s
+        self._stopping: asyncio.Future | None = None
+
+    async def shutdown(self, sockets=None):
+        self._state.shutting_down = True
+        timer = asyncio.get_running_loop().call_later(self._grace_s, self._end_requests)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+    def _end_requests(self) -> None:
+        engine_loop = self._state.engine_loop
+        if engine_loop is not None and engine_loop.thread_alive:
+            logger.info("grace period of %g s over: ending the requests still running with 503", self._grace_s)
+            self._stopping = asyncio.ensure_future(asyncio.to_thread(engine_loop.stop))
+
+
+def build_server(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+                 header_timeout_s: float = 10.0, max_connections: int = 1024,
+                 shutdown_timeout_s: float = 10.0) -> uvicorn.Server:
+    """A uvicorn server for ``app`` (from create_app): ``run()`` it, or set ``should_exit``."""
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            http=_header_deadline_protocol(header_timeout_s), limit_concurrency=max_connections,
+                            timeout_graceful_shutdown=shutdown_timeout_s + SHUTDOWN_MARGIN_S)
+    return _Server(config, app.state.vmem, shutdown_timeout_s)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
     try:
-        if s and s[-1] in units:
-            return int(float(s[:-1]) * units[s[-1]])
-        return int(s)
-    except (ValueError, OverflowError):   # OverflowError: int(float("inf"))
-        raise argparse.ArgumentTypeError("not a byte size: %r" % text) from None
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _kv_budget(args) -> dict:
@@ -414,17 +586,18 @@ def _kv_budget(args) -> dict:
             "budget_policy": BudgetPolicy(min_bytes=args.kv_budget_min or 0)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``vmem serve``."""
-    import uvicorn
-
+def serve(args) -> int:
+    """Run ``vmem serve`` for arguments parsed by vmem/cli.py; returns the exit status."""
     from vmem.engine.engine import build_engine
 
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.log_level == "trace" else args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not _is_loopback(args.host) and args.api_key is None:
+        print("vmem serve: warning: listening on %s without authentication: anyone who can reach this port "
+              "can use the server (set --api-key or VMEM_API_KEY)" % args.host, file=sys.stderr)
     if args.torch_threads is not None:
         import torch
-        torch.set_num_threads(max(1, args.torch_threads))
+        torch.set_num_threads(args.torch_threads)
     kwargs = {"memory_bytes": args.memory, "max_batch": args.max_batch, "backend": args.backend,
               "seed": args.seed, "dtype": args.dtype}
     if args.max_seq_len is not None:
@@ -437,11 +610,15 @@ def main(argv: list[str] | None = None) -> int:
         print("vmem serve: %s" % exc, file=sys.stderr)
         return 2
     limits = ServerLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
-                          max_queued=args.max_queued)
-    app = create_app(engine, model_name=args.served_model_name or args.model, limits=limits)
+                          max_queued=args.max_queued, max_body_bytes=args.max_body_bytes,
+                          body_timeout_s=args.body_timeout)
+    app = create_app(engine, model_name=args.served_model_name or args.model, limits=limits,
+                     api_key=args.api_key)
+    server = build_server(app, host=args.host, port=args.port, log_level=args.log_level,
+                          header_timeout_s=args.header_timeout, max_connections=args.max_connections,
+                          shutdown_timeout_s=args.shutdown_timeout)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
-                    timeout_graceful_shutdown=10)
+        _run_until_signal(server)
     finally:
         loop = app.state.vmem.engine_loop
         if loop is None or not loop.thread_alive:   # never close the cache under a step still running
@@ -449,5 +626,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def _run_until_signal(server: uvicorn.Server) -> None:
+    """server.run(); a SIGINT/SIGTERM shuts it down gracefully and returns. (uvicorn raises the
+    signal again once it has shut down, for embedders; here that would kill the process before
+    the engine is closed, so the signals are ignored outside uvicorn's own handler.)"""
+    if threading.current_thread() is not threading.main_thread():
+        server.run()
+        return
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
