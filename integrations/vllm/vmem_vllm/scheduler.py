@@ -209,3 +209,105 @@ def install(kv_cache_manager, layout: SlotLayout, num_physical_blocks: int) -> S
     logger.info("vmem: %d slots x %d blocks (virtual ids 1..%d), %d physical blocks",
                 layout.num_slots, m, layout.num_virtual_blocks - 1, num_physical_blocks)
     return table
+
+
+class ReclaimTracker:
+    """Prefix caching on: vLLM's own BlockPool hands out block ids; this notes which of them hold nothing
+    vLLM may read again (free and not cached: a request's partial last block, blocks evicted from the
+    prefix cache, everything after ``reset_prefix_cache``), so the workers can give their memory back.
+
+    ``max_cached_blocks`` (``VMEM_VLLM_CACHED_BLOCKS``; None: as many as vLLM keeps) bounds the blocks
+    that hold only cached K/V (free, hashed): past it, the least recently freed are evicted from vLLM's
+    prefix cache (vLLM's own eviction call) and reported, so idle cache stops pinning memory.
+
+    Invariants: a reported block had ref_cnt 0 and no prefix-cache hash when reported; cached blocks
+    are never reported (vLLM may hand them to a new request as a prefix hit, with their K/V).
+    """
+
+    def __init__(self, pool, max_cached_blocks: int | None = None, evict=None):
+        if max_cached_blocks is not None and max_cached_blocks < 0:
+            raise VmemInvalidArgument("max_cached_blocks must be >= 0, got %r" % (max_cached_blocks,))
+        self.pool = pool
+        self.max_cached_blocks = max_cached_blocks
+        self._evict = evict              # vLLM's BlockPool._maybe_evict_cached_block, unwrapped
+        self._pending: set[int] = set()
+        self._cached_lru: dict[int, None] = {}     # free hashed blocks, least recently freed first
+        self.num_reported = 0
+        self.num_capped = 0
+
+    def _is_cached_free(self, block) -> bool:
+        return block.ref_cnt == 0 and (block.block_hash is not None
+                                       or block.block_id in self.pool.cached_block_hashes_by_block)
+
+    def note(self, block_ids) -> None:
+        self._pending.update(block_ids)
+
+    def note_freed(self, blocks) -> None:
+        """Blocks that just reached ref_cnt 0 (in vLLM's eviction order)."""
+        for b in blocks:
+            if self._is_cached_free(b):
+                self._cached_lru.pop(b.block_id, None)
+                self._cached_lru[b.block_id] = None
+            else:
+                self._pending.add(b.block_id)
+
+    def _cap(self) -> None:
+        if self.max_cached_blocks is None or len(self._cached_lru) <= self.max_cached_blocks:
+            return
+        for block_id in list(self._cached_lru):        # drop entries reused or evicted meanwhile
+            if not self._is_cached_free(self.pool.blocks[block_id]):
+                del self._cached_lru[block_id]
+        while len(self._cached_lru) > self.max_cached_blocks:
+            block_id = next(iter(self._cached_lru))
+            del self._cached_lru[block_id]
+            (self._evict or self.pool._maybe_evict_cached_block)(self.pool.blocks[block_id])
+            self._pending.add(block_id)
+            self.num_capped += 1
+
+    def take(self) -> list[int]:
+        """Block ids that became reclaimable since the last call (sorted)."""
+        self._cap()
+        pool = self.pool
+        hashed = pool.cached_block_hashes_by_block
+        out = sorted(b for b in self._pending
+                     if b != 0 and pool.blocks[b].ref_cnt == 0 and pool.blocks[b].block_hash is None
+                     and b not in hashed)
+        self._pending.clear()
+        self.num_reported += len(out)
+        return out
+
+
+def install_blocks(kv_cache_manager, max_cached_blocks: int | None = None) -> ReclaimTracker:
+    """Prefix caching on: vLLM keeps its block pool, ids and eviction order; wrap the pool methods that
+    let blocks go so the tracker sees them. The scheduler's ``schedule`` puts ``take()`` on each
+    SchedulerOutput as ``vmem_reclaim`` (``__init__._patch_scheduler``)."""
+    pool = kv_cache_manager.block_pool
+    orig_free_blocks = pool.free_blocks
+    orig_evict = pool._maybe_evict_cached_block
+    orig_reset = pool.reset_prefix_cache
+    tracker = ReclaimTracker(pool, max_cached_blocks, evict=orig_evict)
+
+    def free_blocks(ordered_blocks):
+        blocks = list(ordered_blocks)
+        orig_free_blocks(blocks)
+        tracker.note_freed([b for b in blocks if b.ref_cnt == 0 and not b.is_null])
+
+    def maybe_evict_cached_block(block):
+        evicted = orig_evict(block)
+        if evicted:
+            tracker.note((block.block_id,))
+        return evicted
+
+    def reset_prefix_cache(*args, **kwargs):
+        done = orig_reset(*args, **kwargs)
+        if done:
+            tracker.note(range(1, pool.num_gpu_blocks))
+        return done
+
+    pool.free_blocks = free_blocks
+    pool._maybe_evict_cached_block = maybe_evict_cached_block
+    pool.reset_prefix_cache = reset_prefix_cache
+    kv_cache_manager.vmem_blocks = tracker
+    logger.info("vmem: prefix caching on, vLLM's block pool of %d blocks, mapped per block, cached blocks kept: %s",
+                pool.num_gpu_blocks - 1, "all vLLM keeps" if max_cached_blocks is None else max_cached_blocks)
+    return tracker

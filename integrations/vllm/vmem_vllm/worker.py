@@ -1,13 +1,22 @@
-"""vLLM glue: the virtual KV cache config, its allocation over vmem, and the per-step mapping hook.
+"""vLLM glue: the KV cache config, its allocation over vmem, and the per-step mapping hook.
 
-Three functions replace or wrap vLLM 0.33.0 functions (``register()`` in ``__init__`` installs them):
+Three functions replace or wrap vLLM functions (``register()`` in ``__init__`` installs them; the
+seams are listed in compat.py):
 
-  virtualize_kv_cache_configs   around ``get_kv_cache_configs`` in the engine core: the profiled block
-                                count becomes the physical budget; the config vLLM builds holds
-                                ``1 + max_num_seqs * M`` block ids (``vmem_slots`` attribute says so)
+  virtualize_kv_cache_configs   around ``get_kv_cache_configs`` in the engine core. Prefix caching off:
+                                the profiled block count becomes the physical budget and the config
+                                vLLM builds holds ``1 + max_num_seqs * M`` slot-contiguous block ids
+                                (tagged ``vmem_slots``). Prefix caching on: vLLM's own config and block
+                                pool stay, mapped per block (tagged ``vmem_blocks``)
   allocate_kv_cache             instead of ``vllm.v1.worker.utils.allocate_kv_cache`` in the workers:
                                 views over a vmem reservation instead of ``torch.zeros``
-  prepare_step                  before ``Worker.execute_model``: map pages under this step's new blocks
+  prepare_step                  before ``Worker.execute_model``: map pages under this step's new blocks,
+                                give back the memory of blocks vLLM no longer keeps
+
+Elasticity (memory measured by the OS follows the load): blocks are mapped when a request first gets
+them; their memory goes back to the OS (unmap, then trim the pool pages) when vLLM keeps nothing in
+them: with prefix caching, the blocks the scheduler reports free and uncached (``vmem_reclaim``);
+without, every idle block once no request is left (deferred reclamation keeps them during load).
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from typing import NamedTuple
+
 
 from vmem.errors import VmemInvalidArgument
 from vmem_vllm.layout import BlockPages, SlotLayout, TensorPlacement
@@ -39,9 +49,22 @@ class VmemSlots(NamedTuple):
         return SlotLayout(self.num_slots, self.blocks_per_slot)
 
 
+class VmemBlocks(NamedTuple):
+    """Prefix caching on: vLLM's own block ids, each mapped on first use, ``num_physical_blocks`` of them;
+    at most ``max_cached_blocks`` idle blocks kept for the prefix cache (None: all vLLM keeps)."""
+
+    num_physical_blocks: int
+    max_cached_blocks: int | None = None
+
+
 def slots_of(kv_cache_config) -> VmemSlots | None:
     info = getattr(kv_cache_config, "vmem_slots", None)
     return VmemSlots(*info) if info is not None else None
+
+
+def blocks_of(kv_cache_config) -> VmemBlocks | None:
+    info = getattr(kv_cache_config, "vmem_blocks", None)
+    return VmemBlocks(*info) if info is not None else None
 
 
 def virtualize_kv_cache_configs(get_kv_cache_configs):
@@ -55,8 +78,15 @@ def virtualize_kv_cache_configs(get_kv_cache_configs):
                                       "layer); this model has %d" % len(cfg.kv_cache_groups))
         cache_config = vllm_config.cache_config
         if cache_config.enable_prefix_caching:
-            logger.warning("vmem: prefix caching turned off (block ids are per-request ranges)")
-            cache_config.enable_prefix_caching = False
+            # shared prefix blocks cannot lie in each sharer's slot range: vLLM's pool keeps its ids
+            cap = os.environ.get("VMEM_VLLM_CACHED_BLOCKS", "")
+            if cap and not (cap.isdigit()):
+                raise VmemInvalidArgument("VMEM_VLLM_CACHED_BLOCKS must be a block count, got %r" % cap)
+            info = tuple(VmemBlocks(min(c.num_blocks for c in physical) - 1, int(cap) if cap else None))
+            for c in physical:
+                c.vmem_blocks = info
+            logger.info("vmem: prefix caching on: %d blocks of vLLM's pool, mapped per block", info[0])
+            return physical
         block_size = cfg.kv_cache_groups[0].kv_cache_spec.block_size
         layout = SlotLayout.for_model(vllm_config.scheduler_config.max_num_seqs,
                                       vllm_config.model_config.max_model_len, block_size)
@@ -77,6 +107,7 @@ def virtualize_kv_cache_configs(get_kv_cache_configs):
         return virtual
 
     wrapped.__wrapped__ = get_kv_cache_configs
+    wrapped._vmem = True
     return wrapped
 
 
@@ -111,6 +142,9 @@ def allocate_kv_cache(kv_cache_config, device, layout, kernel_block_sizes=None, 
     from vmem.backends import get_backend
 
     info = slots_of(kv_cache_config)
+    blocks = blocks_of(kv_cache_config)
+    if info is None and blocks is not None:
+        info = VmemSlots(1, kv_cache_config.num_blocks - 1, blocks.num_physical_blocks)
     if info is None:
         if _original is None:
             raise VmemInvalidArgument("this KV cache config was not made by vmem (no vmem_slots)")
@@ -124,6 +158,7 @@ def allocate_kv_cache(kv_cache_config, device, layout, kernel_block_sizes=None, 
     backend = get_backend("cuda" if device.type == "cuda" else "host", device.index or 0)
     pages = BlockPages(placements(kv_cache_config), page_bytes_for(backend), kv_cache_config.num_blocks)
     mapper = BlockMapper(backend, pages, info.layout, info.num_physical_blocks, reclaim=info.reclaim)
+    mapper.per_block = blocks is not None
     size = kv_cache_config.kv_cache_tensors[0].size
     buf = mapper.reservation.tensor(torch.int8, (size,))
     kv_caches = {}
@@ -147,6 +182,24 @@ def allocate_kv_cache(kv_cache_config, device, layout, kernel_block_sizes=None, 
 
 
 def prepare_step(scheduler_output) -> None:
-    """Map what this step's forward will write, in every KV cache of this process."""
+    """Map what this step's forward will write, in every KV cache of this process, and give back the
+    memory of blocks vLLM keeps nothing in (module docstring: Elasticity)."""
     for mapper in MAPPERS:
-        mapper.apply_scheduler_output(scheduler_output)
+        prepare_mapper(mapper, scheduler_output)
+    scheduler_output.vmem_prepared = True
+
+
+def prepare_mapper(mapper: BlockMapper, scheduler_output) -> None:
+    """``prepare_step`` for one KV cache."""
+    mapper.apply_scheduler_output(scheduler_output)
+    if mapper.per_block:
+        reclaim = getattr(scheduler_output, "vmem_reclaim", None)
+        if reclaim is None:
+            from vmem_vllm.compat import VmemSeamError, vllm_version
+
+            raise VmemSeamError("schedule", "the scheduler output carries no vmem_reclaim list (the engine "
+                                "core's Scheduler.schedule is not vmem's)", vllm_version())
+        if reclaim:
+            mapper.release(reclaim)
+    elif not mapper.num_live_requests and scheduler_output.finished_req_ids:
+        mapper.release()                          # drained: everything back to the OS
