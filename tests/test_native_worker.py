@@ -153,3 +153,43 @@ def test_close_while_another_thread_waits_does_not_crash():
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_two_threads_each_waiting_on_their_own_ticket_do_not_crash():
+    """wait() found its job's predecessor before blocking and unlinked through it after: when another
+    thread's wait freed that predecessor meanwhile, the write hit freed memory (segfault; ASan names
+    worker.c). Run in a subprocess: the bug kills the interpreter."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import threading
+        import numpy as np
+        from vmem.backends import get_backend
+        b = get_backend("host")
+        r = b.reserve(8192 * 4096, 4096); p = b.create_pool(4096, 8192)
+        with b.async_mapper() as m:
+            for i in range(200):
+                # the first job is slow (4096 runs), the second fast: the second waiter blocks on a job
+                # whose predecessor the first waiter frees
+                t1 = m.submit(r, np.arange(0, 8192, 2), p, np.arange(4096))
+                t2 = m.submit(r, [1], p, [5000])
+                t3 = m.submit_unmap(r, [1])
+                errors = []
+                def wait(t):
+                    try:
+                        m.wait(t)
+                    except BaseException as e:
+                        errors.append(e)
+                ths = [threading.Thread(target=wait, args=(t,)) for t in (t3, t1)]
+                for th in ths: th.start()
+                wait(t2)
+                for th in ths: th.join()
+                assert not errors, errors
+                r.unmap(np.arange(0, 8192, 2))
+        r.close(); p.close()
+        print("done")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0 and "done" in proc.stdout, (proc.returncode, proc.stderr[-2000:])

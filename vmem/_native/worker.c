@@ -14,7 +14,9 @@
  * Python's handlers keep running in the main thread. It runs under SCHED_BATCH: on a busy CPU a woken
  * worker that had slept long otherwise preempted the submitting thread for a whole time slice (submit of
  * 4096 pages measured 13 ms instead of 70 µs on the 2-core test machine). close() lets the queue drain,
- * then joins.
+ * then joins. Threads may wait on their own tickets at once: a waiter unlinks its job from the list
+ * only after its wait, looking the predecessor up then (one seen before the wait may be freed by its
+ * own waiter meanwhile).
  *
  * Limitations. One thread: jobs run in order, one at a time. A ticket that is never waited stays in
  * the list until close().
@@ -34,6 +36,7 @@ typedef struct job {
     struct job *next;
     uint64_t ticket;
     int state;
+    int waited;               /* a wait() owns it: a second waiter must not touch it (freed after) */
     int is_map;
     vmem_resv_t *r;
     vmem_pool_t *p;
@@ -198,20 +201,25 @@ static job_t *find(vmem_worker_t *w, uint64_t ticket, job_t **prev)
     return j;
 }
 
-/* pre: ticket from a submit on w, not waited before. Blocks until the job ran. */
+/* pre: ticket from a submit on w, not waited before. Blocks until the job ran.
+ * Several threads may wait at once, each on its own ticket: the job is unlinked only after the wait,
+ * with its predecessor looked up then (a predecessor seen before the wait may have been freed by its
+ * own waiter meanwhile). A second wait on a claimed ticket gets VMEM_ERR_INVALID. */
 int vmem_worker_wait(vmem_worker_t *w, uint64_t ticket, vmem_err_t *err)
 {
     job_t *j, *prev;
     int status;
     if (!w) return VMEM_ERR_INVALID;
     pthread_mutex_lock(&w->lock);
-    j = find(w, ticket, &prev);
-    if (!j) {
+    j = find(w, ticket, NULL);
+    if (!j || j->waited) {
         pthread_mutex_unlock(&w->lock);
         if (err) memset(err, 0, sizeof(*err)), err->status = VMEM_ERR_INVALID, err->index = -1;
         return VMEM_ERR_INVALID;
     }
+    j->waited = 1;
     while (j->state != JOB_DONE) pthread_cond_wait(&w->done, &w->lock);
+    find(w, ticket, &prev);
     if (prev) prev->next = j->next;
     else w->head = j->next;
     if (w->tail == j) w->tail = prev;
