@@ -8,6 +8,8 @@ from __future__ import annotations
 
 OK, OOM, MAP_LIMIT, INVALID, DRIVER, UNSUPPORTED, CLOSED, BUSY = range(8)
 
+MAX_POOLS = 4096   # VMEM_MAX_POOLS: pools one backend holds open at once
+
 # err.detail values (VMEM_DETAIL_* in vmem.h) -> what went wrong, in words
 DETAILS = {
     0: "",
@@ -30,6 +32,7 @@ DETAILS = {
     17: "every lease slot of the budget is taken",
     18: "the lease belongs to another process (opened before fork)",
     19: "the lease record is gone (closed, or recovered as stale)",
+    20: "the backend holds %d pools already (VMEM_MAX_POOLS): close one first" % MAX_POOLS,
 }
 
 

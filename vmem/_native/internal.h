@@ -9,7 +9,6 @@
 #include <stdatomic.h>
 #include "vmem.h"
 
-#define VMEM_MAX_POOLS 4096
 /* table entry: 0 = unmapped, else ((pool id + 1) << 48) | phys; consecutive phys of one pool are
  * consecutive integers, so "entry[i+1] == entry[i] + 1" is the merge test. */
 #define VMEM_ENTRY_SHIFT 48

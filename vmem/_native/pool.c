@@ -120,7 +120,15 @@ static int pool_create(vmem_backend_t *b, uint64_t page_bytes, int64_t num_pages
     for (id = 0; id < VMEM_MAX_POOLS && b->pools[id]; id++) {}
     if (id < VMEM_MAX_POOLS) b->pools[id] = p;
     pthread_mutex_unlock(&b->lock);
-    if (id == VMEM_MAX_POOLS) goto oom;
+    if (id == VMEM_MAX_POOLS) {   /* a limit of this layer, not out of memory: say which */
+        free(p->mapcount);
+        free(p->backed);
+        pthread_mutex_destroy(&p->lock);
+        free(p);
+        _vmem_err_set(err, VMEM_ERR_INVALID, VMEM_DETAIL_TOO_MANY_POOLS, 0, -1);
+        if (err) err->needed = 1, err->available = 0;
+        return VMEM_ERR_INVALID;
+    }
     p->id = id;
     rc = b->ops->pool_open(p, err);
     if (rc != VMEM_OK) {

@@ -48,6 +48,9 @@
 #define VMEM_DETAIL_BUDGET_TENANTS 17   /* every lease slot of the budget is taken */
 #define VMEM_DETAIL_LEASE_PROCESS  18   /* lease used by a process other than its opener (after fork) */
 #define VMEM_DETAIL_LEASE_LOST     19   /* lease record gone (closed, or recovered as stale) */
+#define VMEM_DETAIL_TOO_MANY_POOLS 20   /* a backend holds VMEM_MAX_POOLS pools at most */
+
+#define VMEM_MAX_POOLS 4096             /* pools open at once per backend (its pools[] table) */
 
 #define VMEM_KIND_HOST 0
 #define VMEM_KIND_CUDA 1

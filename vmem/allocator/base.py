@@ -72,6 +72,7 @@ class SlotCache:
             raise VmemClosedError("this %s cache is closed" % self.kind)
 
     def _check_slot(self, slot) -> int:
+        self._check_open()
         if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)):
             raise VmemInvalidArgument("a slot must be an int, got %r" % (slot,))
         if not 0 <= slot < self.num_slots:
@@ -107,6 +108,7 @@ class SlotCache:
     # ---- slots ----------------------------------------------------------------------------
     @property
     def num_free_slots(self) -> int:
+        self._check_open()
         return int(self.num_slots - np.count_nonzero(self._live))
 
     @property
@@ -180,6 +182,9 @@ class SlotCache:
         step() made room for cache_seqlens + seqlen tokens: a write past the mapped part of a virtual
         tensor would fault. On CUDA that check would synchronise the device every layer."""
         self._check_open()
+        for name, t in (("q", q), ("cache_seqlens", cache_seqlens), ("slots", slots)):
+            if not isinstance(t, torch.Tensor):
+                raise VmemInvalidArgument("attention: %s must be a torch tensor, got %s" % (name, type(t).__name__))
         if q.dim() != 4:
             raise VmemInvalidArgument("q must be [batch, seqlen, num_heads, head_dim], got shape %s" % (tuple(q.shape),))
         batch, new_tokens = q.shape[0], q.shape[1]

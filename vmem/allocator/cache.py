@@ -181,6 +181,7 @@ class VirtualKVCache(SlotCache):
     @property
     def num_free_slots(self) -> int:
         """Free slots a request can get (a freed slot still holding shared pages waits for their unmap)."""
+        self._check_open()
         return int(np.count_nonzero(~self._live & (self._cols.shared == 0)))
 
     def alloc_slot(self, num_tokens: int | None = None) -> int:
@@ -608,10 +609,12 @@ class VirtualKVCache(SlotCache):
 
 
 def _open_backend(backend, device):
-    if isinstance(backend, str):
-        from vmem.backends import get_backend
-        return get_backend(backend) if device is None else get_backend(backend, device=_device_index(device))
-    return backend
+    from vmem.backends import Backend, get_backend
+    if isinstance(backend, Backend):
+        return backend
+    if not isinstance(backend, str):
+        raise VmemInvalidArgument("backend must be 'auto', 'host', 'cuda' or a Backend, got %r" % (backend,))
+    return get_backend(backend) if device is None else get_backend(backend, device=_device_index(device))
 
 
 def _device_index(device) -> int:

@@ -65,7 +65,9 @@ class KVCacheSpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
                 raise VmemInvalidArgument("KVCacheSpec.%s must be a positive int, got %r" % (name, value))
-        if not isinstance(self.dtype, torch.dtype) or not (self.dtype.is_floating_point or self.dtype.itemsize == 1):
+            # a Python int: products of numpy int32 fields wrapped (a 0-byte reservation)
+            object.__setattr__(self, name, int(value))
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:   # float8 types included
             raise VmemInvalidArgument("KVCacheSpec.dtype must be a floating torch dtype, got %r" % (self.dtype,))
         if self.layout not in LAYOUTS:
             raise VmemInvalidArgument("KVCacheSpec.layout must be one of %s, got %r" % (LAYOUTS, self.layout))

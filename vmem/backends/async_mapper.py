@@ -6,15 +6,35 @@
 """
 from __future__ import annotations
 
+import operator
 import threading
 
 from vmem._native import as_pages, ffi, lib
-from vmem.backends.base import _i64
+from vmem.backends.base import _i64, refuse_copy
 from vmem.errors import INVALID, VmemClosedError, VmemInvalidArgument, check, check_err
 
 
+def _ticket(ticket, op: str) -> int:
+    """A ticket as an int: a float or a string would be claimed and then refused by cffi (ticket lost)."""
+    if isinstance(ticket, bool):
+        ticket = None
+    try:
+        value = operator.index(ticket)
+    except TypeError:
+        raise VmemInvalidArgument("%s(%r): a ticket is the int submit() returned" % (op, ticket), op=op) from None
+    if not 0 < value < 2**64:
+        raise VmemInvalidArgument("%s(%d): unknown ticket" % (op, value), op=op)
+    return value
+
+
 class AsyncMapper:
-    """One native worker thread with a FIFO of map/unmap jobs. Close it (or use ``with``)."""
+    """One native worker thread with a FIFO of map/unmap jobs. Close it (or use ``with``).
+
+    Threads: any thread may submit, and several may wait at once, each on its own tickets (a ticket is
+    waited once). Copy and pickle are refused (VmemInvalidArgument): a copy would share the worker.
+    """
+
+    __reduce_ex__ = refuse_copy
 
     def __init__(self, backend):
         out = ffi.new("vmem_worker_t **")
@@ -75,6 +95,7 @@ class AsyncMapper:
 
     def done(self, ticket: int) -> bool:
         """True when ``wait(ticket)`` would not block."""
+        ticket = _ticket(ticket, "done")
         h = self._enter("done")
         try:
             return lib.vmem_worker_poll(h, ticket) == 1
@@ -83,6 +104,7 @@ class AsyncMapper:
 
     def wait(self, ticket: int) -> None:
         """Block until the job ran; raise like Reservation.map/unmap if it failed (it was rolled back)."""
+        ticket = _ticket(ticket, "wait")
         h = self._enter("wait")
         try:
             with self._lock:  # claim the ticket first: the native wait frees the job, so only one may wait

@@ -52,11 +52,27 @@ def _int_arg(value, name: str, op: str, lo: int = 0, hi: int = _INT64_MAX) -> in
     return value
 
 
+def refuse_copy(obj, protocol=None):
+    """``__reduce_ex__`` of objects that own a native handle: a copy (copy.copy, deepcopy, pickle) would
+    share the handle, and the second close / finalizer would free it again (use after free, double free)."""
+    raise VmemInvalidArgument("%s cannot be copied or pickled: it owns a native handle; create another one"
+                              % type(obj).__name__, op="copy")
+
+
 class Backend:
     """One kind of virtual memory: ``"host"`` (memfd + mmap) or ``"cuda"`` (driver VMM API).
 
-    Get one with :func:`vmem.backends.get_backend`; instances are shared per (kind, device).
+    Get one with :func:`vmem.backends.get_backend`; instances are shared per (kind, device), so
+    ``copy.copy``/``deepcopy`` return the same object and pickling is refused (VmemInvalidArgument).
     """
+
+    __reduce_ex__ = refuse_copy
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
 
     def __init__(self, kind: str, device: int = 0):
         code = {"host": lib.VMEM_KIND_HOST, "cuda": lib.VMEM_KIND_CUDA}.get(kind)
@@ -138,7 +154,10 @@ class PagePool:
     ``trim``. CUDA: one ``cuMemCreate`` handle per page, created up front (pooled); an elastic pool
     (``lease=``) creates none up front: a map creates the handles it needs, batched, and trim releases them.
     Invariant: ``backed_pages * page_bytes == resident_bytes()`` on the host.
+    Copy and pickle are refused (VmemInvalidArgument): the copy would share the native pool.
     """
+
+    __reduce_ex__ = refuse_copy
 
     def __init__(self, backend: Backend, page_bytes: int, num_pages: int, max_pages: Optional[int], lease=None):
         backend.check_page_bytes(page_bytes)
@@ -240,8 +259,11 @@ class Reservation:
 
     Host: unmapped pages read as zeros and fault on write. ``map``/``unmap`` are one native call each,
     all or nothing. ``tensor()`` views keep the reservation alive: ``close()`` with live views only marks
-    it closed; the range is released when the last view goes away.
+    it closed; the range is released when the last view goes away. Copy and pickle are refused
+    (VmemInvalidArgument): the copy would share the native reservation.
     """
+
+    __reduce_ex__ = refuse_copy
 
     def __init__(self, backend: Backend, num_bytes: int, page_bytes: int):
         backend.check_page_bytes(page_bytes)
