@@ -57,3 +57,37 @@ def test_two_reservations_share_one_pool(host_backend):
             np.testing.assert_array_equal(r.mapping(0, 256), np.arange(k * 256, (k + 1) * 256))
             r.close()
         assert p.info()["mappings"] == 0
+
+
+def test_budget_changes_while_other_threads_map(host_backend):
+    """The mapping budget (map_budget, its OS part, the refresh clock) was read and written without a
+    lock: set_map_budget, info() and the refresh inside a map raced (ThreadSanitizer: `make test-tsan`)."""
+    before = host_backend.info()["mappings_used"]
+    budget = host_backend.info()["map_budget"]
+    try:
+        with host_backend.reserve(1024 * 4096, 4096) as r, host_backend.create_pool(4096, 512) as p:
+            mappers_left = [2]
+            lock = threading.Lock()
+
+            def work(k):
+                if k == 0:
+                    i = 0
+                    while mappers_left[0]:                              # for as long as the others map
+                        host_backend.set_map_budget(budget - (i % 2))   # near the OS budget: refreshes too
+                        assert host_backend.info()["map_budget"] <= budget
+                        i += 1
+                else:
+                    try:
+                        virt = np.arange(k - 1, 1024, 4)                # 256 runs: one mapping each
+                        for _ in range(30):
+                            r.map(virt, p, np.arange(256) + 256 * (k - 1))
+                            r.unmap(virt)
+                    finally:
+                        with lock:
+                            mappers_left[0] -= 1
+
+            _hammer(work, num_threads=3)
+            assert r.mapped_pages == 0 and p.info()["mappings"] == 0
+    finally:
+        host_backend.set_map_budget(budget)
+    assert host_backend.info()["mappings_used"] == before

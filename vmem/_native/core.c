@@ -74,8 +74,10 @@ int vmem_backend_open(int kind, int device, vmem_backend_t **out, vmem_err_t *er
     b->device = kind == VMEM_KIND_HOST ? -1 : device;
     atomic_init(&b->refs, 1);
     pthread_mutex_init(&b->lock, NULL);
+    pthread_mutex_init(&b->budget_lock, NULL);
     rc = ops->open(b, device, err);
     if (rc != VMEM_OK) {
+        pthread_mutex_destroy(&b->budget_lock);
         pthread_mutex_destroy(&b->lock);
         free(b);
         return rc;
@@ -91,6 +93,7 @@ void _vmem_backend_drop(vmem_backend_t *b)
 {
     if (atomic_fetch_sub(&b->refs, 1) != 1) return;
     b->ops->close(b);
+    pthread_mutex_destroy(&b->budget_lock);
     pthread_mutex_destroy(&b->lock);
     free(b);
 }
@@ -112,7 +115,9 @@ int vmem_backend_info(vmem_backend_t *b, vmem_backend_info_t *out)
     out->device = b->device;
     out->granularity_bytes = b->granularity;
     out->max_map_count = b->max_map_count;
+    pthread_mutex_lock(&b->budget_lock);
     out->map_budget = b->map_budget;
+    pthread_mutex_unlock(&b->budget_lock);
     out->mappings_used = b->mappings_used ? atomic_load(b->mappings_used) : 0;
     out->hugetlb_available = b->hugetlb_available;
     return VMEM_OK;
@@ -122,8 +127,10 @@ int vmem_backend_info(vmem_backend_t *b, vmem_backend_info_t *out)
 int vmem_backend_set_map_budget(vmem_backend_t *b, int64_t budget)
 {
     if (!b || budget < 0) return VMEM_ERR_INVALID;
+    pthread_mutex_lock(&b->budget_lock);
     b->map_budget_cap = budget;
     b->map_budget = budget < b->map_budget_os ? budget : b->map_budget_os;
+    pthread_mutex_unlock(&b->budget_lock);
     return VMEM_OK;
 }
 
@@ -133,16 +140,19 @@ void _vmem_budget_give(vmem_backend_t *b, int64_t delta)
     if (b->mappings_used) atomic_fetch_sub(b->mappings_used, delta);
 }
 
-/* Take `delta` mappings from the budget (delta may be negative: gives back). */
+/* Take `delta` mappings from the budget (delta may be negative: gives back). The count is atomic; the
+ * budget it is held against (and its refresh) sits under b->budget_lock. */
 int _vmem_budget_take(vmem_backend_t *b, int64_t delta, vmem_err_t *err)
 {
     long long used;
+    int64_t budget;
     if (!b->mappings_used || delta == 0) return VMEM_OK;
     if (delta < 0) {
         atomic_fetch_add(b->mappings_used, delta);
         return VMEM_OK;
     }
     used = atomic_load(b->mappings_used);
+    pthread_mutex_lock(&b->budget_lock);
     if (used + delta > b->map_budget && b->ops->refresh_budget) {
         /* the rest of the process may have dropped mappings since open: look again before refusing
          * (at most once a second: reading /proc/self/maps near the limit takes milliseconds) */
@@ -156,10 +166,12 @@ int _vmem_budget_take(vmem_backend_t *b, int64_t delta, vmem_err_t *err)
             b->map_budget = b->map_budget_cap < b->map_budget_os ? b->map_budget_cap : b->map_budget_os;
         }
     }
+    budget = b->map_budget;
+    pthread_mutex_unlock(&b->budget_lock);
     do {
-        if (used + delta > b->map_budget) {
+        if (used + delta > budget) {
             _vmem_err_set(err, VMEM_ERR_MAP_LIMIT, VMEM_DETAIL_NONE, 0, -1);
-            if (err) err->needed = delta, err->available = b->map_budget - used;
+            if (err) err->needed = delta, err->available = budget - used;
             return VMEM_ERR_MAP_LIMIT;
         }
     } while (!atomic_compare_exchange_weak(b->mappings_used, &used, used + delta));

@@ -49,6 +49,7 @@ struct vmem_backend {
     int64_t map_budget_os;             /* from vm.max_map_count and the process's other mappings */
     int64_t map_budget_cap;            /* vmem_backend_set_map_budget; INT64_MAX when unset */
     int64_t last_refresh_ns;           /* CLOCK_MONOTONIC of the last refresh_budget */
+    pthread_mutex_t budget_lock;       /* guards map_budget* and last_refresh_ns; a leaf: nothing is locked under it */
     atomic_llong *mappings_used;       /* shared by every backend of this kind in the process */
     int hugetlb_available;
     int thp_advise;
