@@ -6,12 +6,12 @@ Importing vmem loads the native extension and checks its version stamp.
 """
 from vmem._version import __version__
 from vmem.backends import AsyncMapper, Backend, PagePool, Reservation, get_backend
-from vmem.errors import (VmemBusyError, VmemClosedError, VmemDriverError, VmemError, VmemIntegrityError,
-                         VmemInvalidArgument, VmemMapLimitError, VmemOutOfMemory, VmemSlotError,
-                         VmemUnsupported)
+from vmem.errors import (VmemBusyError, VmemClosedError, VmemDriverError, VmemError, VmemForkedError,
+                         VmemIntegrityError, VmemInvalidArgument, VmemMapLimitError, VmemOutOfMemory,
+                         VmemSlotError, VmemUnsupported)
 
 __all__ = [
     "__version__", "get_backend", "Backend", "Reservation", "PagePool", "AsyncMapper",
     "VmemError", "VmemOutOfMemory", "VmemMapLimitError", "VmemInvalidArgument", "VmemDriverError",
-    "VmemClosedError", "VmemUnsupported", "VmemBusyError", "VmemIntegrityError", "VmemSlotError",
+    "VmemClosedError", "VmemUnsupported", "VmemBusyError", "VmemForkedError", "VmemIntegrityError", "VmemSlotError",
 ]

@@ -82,6 +82,13 @@ class VmemBusyError(VmemError, RuntimeError):
     """The object is in use (e.g. trimming a physical page that is still mapped)."""
 
 
+class VmemForkedError(VmemError, RuntimeError):
+    """Use, in a forked child, of a native object created before os.fork() (it belongs to the parent).
+
+    The child refuses inherited reservations, pools, async mappers and backends; it may create its own.
+    See vmem/backends/_fork.py."""
+
+
 class VmemIntegrityError(VmemError, AssertionError):
     """An invariant does not hold (raised by check_integrity())."""
 
@@ -161,6 +168,6 @@ def check_err(rc: int, op: str, err, **context) -> None:
 
 __all__ = [
     "VmemError", "VmemOutOfMemory", "VmemMapLimitError", "VmemInvalidArgument", "VmemDriverError",
-    "VmemClosedError", "VmemUnsupported", "VmemBusyError", "VmemIntegrityError", "VmemSlotError",
+    "VmemClosedError", "VmemUnsupported", "VmemBusyError", "VmemForkedError", "VmemIntegrityError", "VmemSlotError",
     "check", "check_err",
 ]

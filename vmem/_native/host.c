@@ -284,6 +284,15 @@ static int host_unmap_run(vmem_resv_t *r, int64_t virt, int64_t n, vmem_err_t *e
     return VMEM_OK;
 }
 
+/* pre: called in a forked child on a range a host reservation of the parent held; async-signal-safe. */
+int vmem_host_forget_range(uint64_t addr, uint64_t num_bytes)
+{
+    if (!addr || !num_bytes) return VMEM_ERR_INVALID;
+    if (mmap((void *)(uintptr_t)addr, (size_t)num_bytes, PROT_NONE, RESV_FLAGS | MAP_FIXED, -1, 0) == MAP_FAILED)
+        return VMEM_ERR_DRIVER;
+    return VMEM_OK;
+}
+
 const vmem_ops_t vmem_host_ops = {
     VMEM_KIND_HOST, 1, host_open, host_refresh_budget, host_close, host_reserve, host_release,
     host_pool_open, host_pool_grow, host_pool_trim, host_pool_close, host_pool_resident,

@@ -259,6 +259,13 @@ int vmem_pool_create_elastic(vmem_backend_t *b, uint64_t page_bytes, int64_t num
 int vmem_budget_debug_lock(vmem_budget_t *bd);
 int vmem_budget_debug_unlock(vmem_budget_t *bd);
 
+/* ---- fork (vmem/backends/_fork.py) ----
+ * In a forked child: replace the child's copy of a host range [addr, addr + num_bytes) by inaccessible
+ * anonymous memory, so a write through an inherited view faults instead of landing in the parent's
+ * memfd pages. Takes no lock and touches no vmem object (a thread of the parent may have held a lock
+ * at fork time). */
+int vmem_host_forget_range(uint64_t addr, uint64_t num_bytes);
+
 /* ---- raw floor for bench/native_map.py: a bare loop of the host backend's syscalls ----
  * Maps page i of the range at base + virt[i]*page_bytes from fd offset phys[i]*page_bytes with exactly the
  * flags vmem_map uses, one mmap per page; unmap puts the reservation's anonymous memory back. */

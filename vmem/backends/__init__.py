@@ -1,11 +1,15 @@
 """Virtual-memory backends: ``get_backend("auto" | "host" | "cuda")``, Reservation, PagePool, AsyncMapper.
 
 Contract: docs/structure.md ("backends"). Host: Note [Host backend] in vmem/_native/host.c.
+Threads: every method may be called from any thread (the native layer locks). fork(): objects made
+before a fork refuse use in the child with VmemForkedError and close without a native call; the child
+makes its own (vmem/backends/_fork.py).
 """
 from __future__ import annotations
 
 import threading
 
+from vmem.backends import _fork
 from vmem.backends.async_mapper import AsyncMapper
 from vmem.backends.base import Backend, PagePool, Reservation
 from vmem.backends.budget import Budget, Lease, budget_path
@@ -36,6 +40,15 @@ def get_backend(kind: str = "auto", device: int = 0) -> Backend:
         if b is None:
             b = _backends[key] = Backend(kind, key[1] if kind == "cuda" else 0)
         return b
+
+
+def _forget_backends_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()    # a parent's thread may have held it at fork time
+    _backends.clear()           # the parent's: get_backend in the child opens fresh ones
+
+
+_fork.on_fork_child(_forget_backends_in_child)
 
 
 def cuda_available(device: int = 0) -> bool:

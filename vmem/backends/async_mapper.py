@@ -10,6 +10,7 @@ import operator
 import threading
 
 from vmem._native import as_pages, ffi, lib
+from vmem.backends import _fork
 from vmem.backends.base import _i64, refuse_copy
 from vmem.errors import INVALID, VmemClosedError, VmemInvalidArgument, check, check_err
 
@@ -32,6 +33,7 @@ class AsyncMapper:
 
     Threads: any thread may submit, and several may wait at once, each on its own tickets (a ticket is
     waited once). Copy and pickle are refused (VmemInvalidArgument): a copy would share the worker.
+    fork(): a child refuses an inherited mapper (VmemForkedError) and its close() joins nothing.
     """
 
     __reduce_ex__ = refuse_copy
@@ -39,6 +41,7 @@ class AsyncMapper:
     def __init__(self, backend):
         out = ffi.new("vmem_worker_t **")
         check(lib.vmem_worker_create(out), "async_mapper")
+        self._gen = _fork.generation()
         self._h = out[0]
         self.backend = backend
         self._lock = threading.Lock()
@@ -48,6 +51,8 @@ class AsyncMapper:
 
     def _enter(self, op):
         """The native handle, counted as in use until ``_leave()``; VmemClosedError after close()."""
+        if not _fork.current(self._gen):
+            _fork.refuse(self, op)
         with self._lock:
             if self._h is None:
                 raise VmemClosedError("%s: async mapper is closed" % op, op=op)
@@ -132,7 +137,12 @@ class AsyncMapper:
         """Let queued jobs run, then join the thread. Unwaited tickets are dropped.
 
         Safe while another thread waits: that wait returns first (the native close frees the worker).
+        In a forked child it only forgets the worker: its thread is the parent's, so nothing is joined.
         """
+        if not _fork.current(self._gen):
+            self._h = None
+            self._jobs = {}
+            return
         with self._lock:
             if self._h is None:
                 return

@@ -12,6 +12,7 @@ from typing import Optional
 import numpy as np
 
 from vmem._native import as_pages, ffi, lib
+from vmem.backends import _fork
 from vmem.errors import (INVALID, VmemClosedError, VmemInvalidArgument, check, check_err)
 
 _FAULT_CODES = {"oom": 1, "map_limit": 2, "invalid": 3, "driver": 4}
@@ -82,7 +83,8 @@ class Backend:
         err = _new_err()
         rc = lib.vmem_backend_open(code, device, out, err)
         check_err(rc, "open_backend", err, kind=kind, device=device)
-        self._h = ffi.gc(out[0], lib.vmem_backend_close)
+        self._gen = _fork.generation()
+        self._h = ffi.gc(out[0], _fork.guarded(lib.vmem_backend_close, self._gen))
         self.name = kind
         self.device_index = device if kind == "cuda" else -1
         info = self._info()
@@ -95,9 +97,14 @@ class Backend:
 
         return torch.device("cuda", self.device_index) if self.name == "cuda" else torch.device("cpu")
 
+    def _handle(self, op: str):
+        if not _fork.current(self._gen):
+            _fork.refuse(self, op)
+        return self._h
+
     def _info(self):
         out = ffi.new("vmem_backend_info_t *")
-        lib.vmem_backend_info(self._h, out)
+        lib.vmem_backend_info(self._handle("backend.info"), out)
         return out
 
     def info(self) -> dict:
@@ -116,7 +123,7 @@ class Backend:
     def set_map_budget(self, num_mappings: int) -> None:
         """Cap the mapping budget; the one derived from vm.max_map_count still applies when lower."""
         num_mappings = _int_arg(num_mappings, "num_mappings", "set_map_budget", lo=-1)  # < 0: C says INVALID
-        check(lib.vmem_backend_set_map_budget(self._h, num_mappings), "set_map_budget",
+        check(lib.vmem_backend_set_map_budget(self._handle("set_map_budget"), num_mappings), "set_map_budget",
               num_mappings=num_mappings)
 
     def check_page_bytes(self, page_bytes: int) -> None:
@@ -168,21 +175,25 @@ class PagePool:
         out = ffi.new("vmem_pool_t **")
         err = _new_err()
         if lease is None:
-            rc = lib.vmem_pool_create(backend._h, page_bytes, num_pages, max_pages or 0, out, err)
+            rc = lib.vmem_pool_create(backend._handle("create_pool"), page_bytes, num_pages, max_pages or 0, out, err)
         else:
-            rc = lib.vmem_pool_create_elastic(backend._h, page_bytes, num_pages, max_pages or 0,
+            rc = lib.vmem_pool_create_elastic(backend._handle("create_pool"), page_bytes, num_pages, max_pages or 0,
                                               lease._handle("create_pool"), out, err)
         check_err(rc, "create_pool", err, page_bytes=page_bytes, num_pages=num_pages, needed_pages=num_pages,
                   created_pages=int(err.available) if rc else None)
-        self._h = ffi.gc(out[0], lib.vmem_pool_close)
+        self._gen = _fork.generation()
+        self._h = ffi.gc(out[0], _fork.guarded(lib.vmem_pool_close, self._gen))
         self.backend = backend
         self.page_bytes = page_bytes
         self.max_pages = max_pages
         self.lease = lease
         self.id = int(lib.vmem_pool_id(self._h))
+        _fork.track_pool(self, self.info()["fd"])
 
     # -- state
     def _handle(self, op: str):
+        if not _fork.current(self._gen):
+            _fork.refuse(self, op)
         if self._h is None:
             raise VmemClosedError("%s: pool is closed" % op, op=op)
         return self._h
@@ -235,10 +246,13 @@ class PagePool:
         """Close the pool. Memory under existing mappings lives on until they are unmapped.
 
         Not concurrently with a map on another thread that uses this pool (queued AsyncMapper jobs are safe).
+        In a forked child it only forgets the pool (the parent's): no native call.
         """
         if self._h is not None:
             h, self._h = self._h, None
-            ffi.release(h)
+            if _fork.current(self._gen):
+                _fork.untrack(self)
+            ffi.release(h)          # the guarded destructor does nothing in a forked child
 
     def __enter__(self):
         return self
@@ -270,9 +284,10 @@ class Reservation:
         _int_arg(num_bytes, "num_bytes", "reserve", lo=1, hi=_UINT64_MAX)
         out = ffi.new("vmem_resv_t **")
         err = _new_err()
-        rc = lib.vmem_reserve(backend._h, num_bytes, page_bytes, out, err)
+        rc = lib.vmem_reserve(backend._handle("reserve"), num_bytes, page_bytes, out, err)
         check_err(rc, "reserve", err, num_bytes=num_bytes, page_bytes=page_bytes)
-        self._h = ffi.gc(out[0], lib.vmem_release)
+        self._gen = _fork.generation()
+        self._h = ffi.gc(out[0], _fork.guarded(lib.vmem_release, self._gen))
         self.backend = backend
         info = ffi.new("vmem_resv_info_t *")
         lib.vmem_resv_info(self._h, info)
@@ -283,9 +298,12 @@ class Reservation:
         self._closing = False
         self._live_views = 0
         self._lock = threading.Lock()
+        _fork.track_reservation(self)
 
     # -- state
     def _handle(self, op: str):
+        if not _fork.current(self._gen):
+            _fork.refuse(self, op)
         if self._closing or self._h is None:
             raise VmemClosedError("%s: reservation is closed" % op, op=op)
         return self._h
@@ -379,6 +397,8 @@ class Reservation:
             self._live_views += 1
 
     def _view_died(self) -> None:
+        if not _fork.current(self._gen):     # a forked child: the lock may be held by a parent's thread
+            return
         with self._lock:
             self._live_views -= 1
             release = self._closing and self._live_views == 0
@@ -388,6 +408,7 @@ class Reservation:
     def _release(self) -> None:
         if self._h is not None:
             h, self._h = self._h, None
+            _fork.untrack(self)
             ffi.release(h)
 
     def close(self) -> None:
@@ -395,7 +416,11 @@ class Reservation:
 
         Not concurrently with a map/unmap of this reservation on another thread (join it first);
         jobs queued on an AsyncMapper are safe: they hold the native object and report VmemClosedError.
+        In a forked child it only forgets the reservation (the parent's): no native call, no lock.
         """
+        if not _fork.current(self._gen):
+            self._closing, self._h = True, None
+            return
         with self._lock:
             if self._closing:
                 return
