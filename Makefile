@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.vmem-installed
 NATIVE := $(wildcard vmem/_native/*.c vmem/_native/*.h vmem/_native/*.py)
 
-.PHONY: demo test test-all test-integrations test-vllm-live bench clean
+.PHONY: demo test test-all test-integrations test-vllm-live test-sanitize test-tsan soak bench clean
 
 $(STAMP): pyproject.toml setup.py $(NATIVE)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,28 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu and not integration"
 
+# Sanitizers (.ci/sanitize): the extension rebuilt in build/sanitize/{asan,tsan} with .venv's python
+# (.venv keeps its normal build). Not in .ci/run: the ASan run alone takes several minutes on 2 cores.
+SANITIZE_TESTS ?= tests/test_native_host.py tests/test_native_properties.py tests/test_native_threads.py \
+	tests/test_native_worker.py tests/test_native_fork.py tests/test_native_error_tables.py \
+	tests/test_native_cuda_stub.py tests/test_backend_smoke.py tests/test_typed_errors.py \
+	tests/test_allocator_page_table.py tests/test_cache.py tests/test_cache_state_machine.py \
+	tests/test_baselines.py tests/test_spec.py
+TSAN_TESTS ?= tests/test_native_threads.py tests/test_native_worker.py
+SELECT := -m "not gpu and not integration and not slow"
+
+test-sanitize: $(STAMP)
+	.ci/sanitize asan -q $(SELECT) $(SANITIZE_TESTS)
+
+test-tsan: $(STAMP)
+	.ci/sanitize tsan -q $(SELECT) $(TSAN_TESTS)
+
+# Hypothesis soak profile (random seeds) in rounds until SOAK_SECONDS (.ci/soak)
+SOAK_SECONDS ?= 600
+SOAK_EXAMPLES ?= 200
+soak: $(STAMP)
+	SOAK_SECONDS=$(SOAK_SECONDS) SOAK_EXAMPLES=$(SOAK_EXAMPLES) .ci/soak
+
 test-integrations:
 	bash integrations/test_env.sh
 
@@ -32,4 +54,4 @@ test-vllm-live:
 	VMEM_INT_ONLY=vllm-cpu bash integrations/test_env.sh
 
 clean:
-	rm -rf build *.egg-info vmem/_native/*.so vmem/_native/_vmem_cffi.c
+	rm -rf build *.egg-info vmem/_native/*.so vmem/_native/_vmem_cffi.c   # build/ holds build/sanitize too

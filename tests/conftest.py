@@ -4,7 +4,8 @@ Helpers (import them: ``from conftest import greedy_reference, vmas_in``): the g
 recompute without any cache) and the kernel's count of VMAs over a reservation.
 
 Profiles: ``ci`` (loaded by default: derandomized, no deadline, so a red run reproduces) and ``soak``
-(many more examples, random seeds). Pick one with ``HYPOTHESIS_PROFILE=soak``.
+(many more examples, ``SOAK_EXAMPLES`` per test, random seeds). Pick one with ``HYPOTHESIS_PROFILE=soak``;
+``make soak`` runs it in rounds for ``SOAK_SECONDS`` (.ci/soak).
 """
 import os
 
@@ -16,7 +17,7 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile(
-    "soak", deadline=None, max_examples=2000, print_blob=True,
+    "soak", deadline=None, max_examples=int(os.environ.get("SOAK_EXAMPLES", 2000)), print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -94,5 +94,5 @@ class HostBackendMachine(RuleBasedStateMachine):
 # /proc/self/maps of a process with torch loaded is long; keep the run to a few seconds
 _SOAK = os.environ.get("HYPOTHESIS_PROFILE", "ci") != "ci"
 HostBackendMachine.TestCase.settings = settings(
-    max_examples=500 if _SOAK else 20, stateful_step_count=50 if _SOAK else 25)
+    max_examples=settings.default.max_examples if _SOAK else 20, stateful_step_count=50 if _SOAK else 25)
 TestHostBackendMachine = HostBackendMachine.TestCase
