@@ -83,8 +83,8 @@ def test_vmem_reclamation_modes_and_async_prefetch(model, reqs_and_refs, reclaim
         s = cache.stats()
         if reclaim == "deferred":
             assert s.reused_pages > 0          # later requests reused pages left mapped in their slot
-        else:
-            assert s.reclaimable_pages == 0
+        else:                                  # no idle slot keeps pages; the prefix index may
+            assert s.reclaimable_pages == cache.prefix_stats()["cached_pages"]
     finally:
         engine.close()
 

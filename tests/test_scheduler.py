@@ -10,13 +10,14 @@ from vmem.errors import VmemInvalidArgument
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def new_engine(model, kind="vmem", *, max_batch=4, max_seq_len=128, memory_tokens=None, chunk=32, budget=128):
+def new_engine(model, kind="vmem", *, max_batch=4, max_seq_len=128, memory_tokens=None, chunk=32, budget=128,
+               **cache_kw):
     c = model.config
     spec = KVCacheSpec(num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=c.dtype,
                        max_batch=max_batch, max_seq_len=max_seq_len, page_bytes=4096)
     token_bytes = 2 * c.num_layers * c.num_kv_heads * c.head_dim * c.dtype.itemsize
     memory_tokens = memory_tokens or max_batch * max_seq_len
-    cache = make_cache(kind, spec, memory_bytes=memory_tokens * token_bytes)
+    cache = make_cache(kind, spec, memory_bytes=memory_tokens * token_bytes, **cache_kw)
     return Engine(model, cache, max_num_batched_tokens=budget, prefill_chunk_tokens=chunk)
 
 
@@ -106,8 +107,9 @@ def test_preemption_takes_the_newest_and_requeues_it_first(model):
 
 
 def test_admission_reserves_room_for_output_and_avoids_preemption(model):
-    """Same traffic as above with the default new_token_ratio: "new" waits for "old" instead."""
-    engine = new_engine(model, max_batch=4, memory_tokens=130, chunk=64, budget=256)
+    """Same traffic as above with the default new_token_ratio: "new" waits for "old" instead. (The two
+    prompts are equal: with prefix caching "new" would find old's first page cached and need less.)"""
+    engine = new_engine(model, max_batch=4, memory_tokens=130, chunk=64, budget=256, prefix_caching=False)
     try:
         engine.add_request(req("old", 40, max_tokens=60))
         engine.add_request(req("new", 40, max_tokens=60))

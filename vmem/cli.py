@@ -255,6 +255,8 @@ def _add_serve(sub) -> None:
                    help="seconds running requests get to finish on SIGTERM/SIGINT; then 503 (default: 10)")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse cached prompt prefixes (default: on; --no-enable-prefix-caching turns it off)")
     p.add_argument("--torch-threads", type=_int_in(1), default=None,
                    help="torch intra-op threads (default: torch's); 1 suits small models on busy cores")
     p.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)

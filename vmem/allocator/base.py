@@ -11,7 +11,7 @@ What each call may do (plan vs run, in FlashInfer's sense):
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -30,7 +30,10 @@ class KVCacheManager(Protocol):
     spec: KVCacheSpec
     device: torch.device
 
-    def alloc_slot(self, num_tokens: int | None = None) -> int: ...
+    def alloc_slot(self, num_tokens: int | None = None, token_ids: Sequence[int] | None = None) -> int: ...
+    def num_cached_tokens(self, slot: int) -> int: ...
+    def cache_prefix(self, slot: int, token_ids: Sequence[int]) -> int: ...
+    def match_prefix(self, token_ids: Sequence[int]) -> int: ...
     def free_slot(self, slot: int) -> None: ...
     @property
     def num_free_slots(self) -> int: ...
@@ -53,6 +56,7 @@ class SlotCache:
     """
 
     kind = "base"
+    prefix_caching = False
 
     def __init__(self, spec: KVCacheSpec, num_slots: int, device):
         if not isinstance(spec, KVCacheSpec):
@@ -62,6 +66,7 @@ class SlotCache:
         self.num_slots = int(num_slots)
         self._live = np.zeros(self.num_slots, dtype=bool)
         self._lengths = np.zeros(self.num_slots, dtype=np.int64)
+        self._cached_tokens = np.zeros(self.num_slots, dtype=np.int64)   # leading tokens held by a prefix cache
         self._counters = new_counters()
         self._peaks = new_peaks()
         self._closed = False
@@ -119,9 +124,11 @@ class SlotCache:
         """Tokens the last step() made room for in a live slot."""
         return int(self._lengths[self._check_slot(slot)])
 
-    def alloc_slot(self, num_tokens: int | None = None) -> int:
+    def alloc_slot(self, num_tokens: int | None = None, token_ids: Sequence[int] | None = None) -> int:
         """A free slot for a new request (length 0). ``num_tokens`` optionally hints how long it may grow
-        (advisory: clamped to [0, max_seq_len]).
+        (advisory: clamped to [0, max_seq_len]). ``token_ids``: the request's prompt; a cache with prefix
+        caching attaches the longest cached prefix of it to the slot (``num_cached_tokens(slot)`` says how
+        many tokens; the next step() maps them), and vmem prefers the free slot still mapping it.
 
         Raises VmemSlotError when all slots are live.
         """
@@ -130,6 +137,8 @@ class SlotCache:
             if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)):
                 raise VmemInvalidArgument("num_tokens hint must be an int, got %r" % (num_tokens,))
             num_tokens = min(max(int(num_tokens), 0), self.spec.max_seq_len)
+        if token_ids is not None:
+            token_ids = self._check_token_ids(token_ids)
         free = np.flatnonzero(~self._live)
         if free.size == 0:
             raise VmemSlotError("all %d slots are in use" % self.num_slots)
@@ -137,7 +146,42 @@ class SlotCache:
         self._live[slot] = True
         self._lengths[slot] = 0
         self._peaks["live_slots"] = max(self._peaks["live_slots"], int(np.count_nonzero(self._live)))
+        if token_ids is not None and self.prefix_caching:
+            self._cached_tokens[slot] = self._attach_prefix(slot, token_ids)
         return slot
+
+    def _check_token_ids(self, token_ids) -> list[int]:
+        if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, (Sequence, np.ndarray)):
+            raise VmemInvalidArgument("token_ids must be a sequence of ints, got %r" % (type(token_ids).__name__,))
+        ids = list(token_ids)
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids):
+            raise VmemInvalidArgument("token_ids must hold ints")
+        if len(ids) > self.spec.max_seq_len:
+            raise VmemInvalidArgument("%d token ids exceed max_seq_len %d" % (len(ids), self.spec.max_seq_len))
+        return [int(t) for t in ids]
+
+    def num_cached_tokens(self, slot: int) -> int:
+        """Leading tokens of a live slot whose K/V a prefix cache supplies (attached at alloc_slot, or
+        entered by cache_prefix): the request never writes them."""
+        return int(self._cached_tokens[self._check_slot(slot)])
+
+    def match_prefix(self, token_ids: Sequence[int]) -> int:
+        """Tokens of ``token_ids`` a new request would find cached (whole pages; at most all but the last
+        token, which must be computed to sample). Pure. 0 without prefix caching."""
+        self._check_open()
+        self._check_token_ids(token_ids)
+        return 0
+
+    def cache_prefix(self, slot: int, token_ids: Sequence[int]) -> int:
+        """``token_ids`` are the tokens whose K/V the live ``slot`` holds from position 0: their full pages
+        enter the prefix index (no native call). Returns the slot's cached tokens. No-op without caching."""
+        self._check_open()
+        self._check_slot(slot)
+        self._check_token_ids(token_ids)
+        return int(self._cached_tokens[slot])
+
+    def _attach_prefix(self, slot: int, token_ids: list[int]) -> int:
+        return 0
 
     def _choose_slot(self, free: np.ndarray, num_tokens: int | None) -> int:
         return int(free[0])
@@ -149,6 +193,7 @@ class SlotCache:
         self._release_slot(slot)
         self._live[slot] = False
         self._lengths[slot] = 0
+        self._cached_tokens[slot] = 0
 
     def _release_slot(self, slot: int) -> None:
         pass
@@ -197,6 +242,11 @@ class SlotCache:
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_slots or not self._live[idx].all()):
             for s in idx:
                 self._check_slot(int(s))
+        starts = ends - new_tokens
+        if np.any(starts < self._cached_tokens[idx]):
+            bad = int(np.flatnonzero(starts < self._cached_tokens[idx])[0])
+            raise VmemInvalidArgument("slot %d: writing from token %d would overwrite its first %d tokens, which "
+                                      "a prefix cache holds" % (idx[bad], starts[bad], self._cached_tokens[idx[bad]]))
         if np.any(ends > self._lengths[idx]):
             bad = int(np.flatnonzero(ends > self._lengths[idx])[0])
             raise VmemInvalidArgument(

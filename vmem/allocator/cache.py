@@ -26,7 +26,15 @@ step maps synchronously.
 Elastic (``budget=``): the pool draws pages from a Budget shared with other caches and processes and
 gives idle ones back under a BudgetPolicy; ``maintain()`` applies it (elastic.py).
 
-Limitations: pages shared between slots (reference counts > 1) are never counted as reclaimable.
+Prefix caching (Note [Prefix caching by page aliasing] in prefix.py): full columns whose K/V a request
+computed enter a radix tree of columns that holds its own reference to their pages; ``alloc_slot(
+token_ids=...)`` attaches the longest cached prefix of a prompt to the slot, preferring the free slot
+that still maps it (no map call at all), and the next ``step`` maps the rest of it together with the
+step's growth, in the same single native call. Cached pages are freed by evicting them from the index,
+least recently used leaf first, when free and reclaimable slot pages do not cover a step.
+
+Limitations: pages shared between slots by share_prefix are never counted as reclaimable, and do not
+enter the prefix index.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from vmem.allocator.page_table import UNMAPPED
 from vmem.allocator.planning import ColumnPlanner, Growth, Reclaim
 from vmem.allocator.policy import ReclaimPolicy, SlotPolicy, get_reclaim_policy
 from vmem.allocator.prefetch import Prefetch, Prefetcher
+from vmem.allocator.prefix import PrefixIndex, PrefixNode
 from vmem.allocator.spec import KVCacheSpec
 from vmem.allocator.stats import CacheStats
 from vmem.errors import VmemError, VmemIntegrityError, VmemInvalidArgument, VmemOutOfMemory, VmemSlotError
@@ -70,9 +79,14 @@ class VirtualKVCache(SlotCache):
          a free slot has length 0, and in eager mode no pages;
       4. used + reclaimable + free == pool pages (used: the columns covering live slots' lengths;
          reclaimable: idle slots' pages and live slots' columns beyond their lengths);
-      5. a pool page referenced more than once (a shared prefix) lies in the first shared[s] columns of
-         the slots that map it, which are protected from reclamation and from shrinking;
-      6. the backend agrees: its own table reads back as ours, it holds as many mappings as our runs
+      5. a pool page mapped more than once (a shared prefix) lies in the first shared[s] or cached[s]
+         columns of the slots that map it, which are protected from reclamation and from shrinking;
+      6. prefix index: reference counts include its holds, which are exactly its nodes' pages; slot s's
+         first cached[s] columns map a root path of the index (path[s]); an index page is mapped nowhere
+         else, so no slot can write one: a live slot's cached columns lie below num_cached_tokens(s),
+         attention() refuses to write there and step() to shrink below it; a node is locked exactly by
+         the live slots whose path (or pending attachment) holds it;
+      7. the backend agrees: its own table reads back as ours, it holds as many mappings as our runs
          imply, and the OS backs exactly the resident pool pages (host: memfd st_blocks).
     """
 
@@ -80,10 +94,16 @@ class VirtualKVCache(SlotCache):
 
     def __init__(self, spec: KVCacheSpec, *, memory_bytes: int | None = None, backend="auto", device=None,
                  reclaim: str = "deferred", async_map: bool = False, reclaim_policy: str | ReclaimPolicy = "lru",
-                 budget=None, budget_policy: BudgetPolicy | None = None):
+                 budget=None, budget_policy: BudgetPolicy | None = None, prefix_caching: bool | None = None):
         """budget: None, or a Budget / Lease / budget name or path (elastic.py): pages are then charged to
-        the shared budget as step maps them; memory_bytes (default: the budget's limit) bounds the pool."""
+        the shared budget as step maps them; memory_bytes (default: the budget's limit) bounds the pool.
+        prefix_caching: None = on when a page holds whole tokens (Note [Prefix caching by page aliasing])."""
         super().__init__(spec, spec.max_batch, None)
+        whole_tokens = spec.page_bytes % spec.row_token_bytes == 0
+        if prefix_caching and not whole_tokens:
+            raise VmemInvalidArgument("prefix caching needs whole tokens per page (page_bytes %d, token row bytes "
+                                      "%d); pass prefix_caching=False" % (spec.page_bytes, spec.row_token_bytes))
+        self.prefix_caching = whole_tokens if prefix_caching is None else bool(prefix_caching)
         self.reclaim = check_reclaim_mode(reclaim)
         self.reclaim_policy = get_reclaim_policy(reclaim_policy)
         self.slot_policy = SlotPolicy()
@@ -145,6 +165,13 @@ class VirtualKVCache(SlotCache):
         self._eager_leftovers = set()   # eager mode: free slots whose unmap failed (pages kept, reclaimable)
         self._idle = IdleClock()
         self._last_maintain = 0.0
+        self._tpp = int(spec.tokens_per_page) if self.prefix_caching else 0
+        self._index = PrefixIndex(max(self._tpp, 1))
+        self._paths: list[list[PrefixNode]] = [[] for _ in range(spec.max_batch)]   # valid: [:cols.cached[s]]
+        self._attach: dict[int, list[PrefixNode]] = {}   # slot -> nodes its next step maps after its path
+        self._wanted: list[PrefixNode] = []              # the match alloc_slot is placing
+        self._counters.update(prefix_mapped_pages=0, prefix_inplace_pages=0, prefix_map_calls=0,
+                              prefix_unmap_calls=0, prefix_cached_pages=0, prefix_evicted_pages=0, kv_bytes_copied=0)
 
     # ---- views ----------------------------------------------------------------------------
     @property
@@ -184,24 +211,127 @@ class VirtualKVCache(SlotCache):
         self._check_open()
         return int(np.count_nonzero(~self._live & (self._cols.shared == 0)))
 
-    def alloc_slot(self, num_tokens: int | None = None) -> int:
+    def alloc_slot(self, num_tokens: int | None = None, token_ids=None) -> int:
         if self._cols.shared.any() and not self.num_free_slots:
             self.reclaim_idle()               # retry unmapping shared pages left in freed slots
-        slot = super().alloc_slot(num_tokens)
+        self._settle()
+        self._wanted = []
+        if self.prefix_caching and token_ids is not None:
+            ids = self._check_token_ids(token_ids)
+            self._wanted = self._index.match(ids, (len(ids) - 1) // self._tpp)
+        try:
+            slot = super().alloc_slot(num_tokens, token_ids)
+        finally:
+            self._wanted = []
+        if self._cols.cached[slot] and not self._cached_tokens[slot]:
+            self._shrink({slot: 0}, trim=False)   # cached pages this request would write over: unmapped here
+            self._counters["prefix_unmap_calls"] += 1
         self._cols.inherited[slot] = self._cols.columns[slot]
         self._idle.update(1)
         return slot
 
     def _choose_slot(self, free: np.ndarray, num_tokens: int | None) -> int:
+        """The free slot mapping most of the prompt's cached prefix (no map call for it); without one,
+        preferably a slot mapping no cached columns (it keeps them for a later match); then SlotPolicy."""
         free = free[self._cols.shared[free] == 0]
         if not free.size:
             raise VmemSlotError("every free slot still holds shared pages whose unmap failed")
+        common = np.array([self._common(s, self._wanted) for s in free.tolist()], dtype=np.int64)
+        if common.size and common.max() > 0:
+            free = free[common == common.max()]
+        elif np.any(self._cols.cached[free] == 0):
+            free = free[self._cols.cached[free] == 0]
         needed = None if num_tokens is None else self.spec.row_pages_for_tokens(num_tokens)
         return self.slot_policy.choose(free, self._cols.columns, needed)
+
+    def _common(self, slot: int, nodes: list[PrefixNode]) -> int:
+        """Leading columns of ``nodes`` that ``slot`` maps already."""
+        path, n = self._paths[slot], min(int(self._cols.cached[slot]), len(nodes))
+        for i in range(n):
+            if path[i] is not nodes[i]:
+                return i
+        return n
+
+    def _attach_prefix(self, slot: int, token_ids: list[int]) -> int:
+        """Attach the cached prefix alloc_slot matched: the columns the slot maps already stay (a private
+        tail too, if nothing cached must be mapped after them); the rest is mapped by the next step."""
+        match = self._wanted
+        if not match:
+            return 0
+        cols = self._cols
+        common = self._common(slot, match)
+        if cols.columns[slot] > common and (cols.cached[slot] > common or len(match) > common):
+            self._shrink({slot: common}, trim=False)
+            self._counters["prefix_unmap_calls"] += 1
+        self._paths[slot] = self._paths[slot][:common]
+        if len(match) > common:
+            self._attach[slot] = match[common:]
+        self._index.lock(match)
+        self._index.touch(match)
+        self._counters["prefix_inplace_pages"] += common * self.spec.rows_per_slot
+        return len(match) * self._tpp
+
+    def _drop_prefix(self, slot: int) -> None:
+        """A live slot stops using its cached prefix (freed, or made to share another's): unlock it."""
+        self._index.unlock(self._paths[slot][:int(self._cols.cached[slot])])
+        self._index.unlock(self._attach.pop(slot, []))
+
+    def match_prefix(self, token_ids) -> int:
+        self._check_open()
+        ids = self._check_token_ids(token_ids)
+        if not self.prefix_caching:
+            return 0
+        return len(self._index.match(ids, (len(ids) - 1) // self._tpp)) * self._tpp
+
+    def cache_prefix(self, slot: int, token_ids) -> int:
+        """Enter the live slot's full columns among ``token_ids`` (K/V computed, within its length) into
+        the prefix index. Stops at a column the index holds already from another slot (that copy stays
+        private), and does nothing for a slot holding share_prefix pages beyond its cached columns."""
+        self._check_open()
+        slot = self._check_slot(slot)
+        ids = self._check_token_ids(token_ids)
+        cols = self._cols
+        if not self.prefix_caching or slot in self._attach or cols.shared[slot] > cols.cached[slot]:
+            return int(self._cached_tokens[slot])
+        self._settle()
+        c = int(cols.cached[slot])
+        full = min(min(len(ids), int(self._lengths[slot])) // self._tpp, int(cols.columns[slot]))
+        if full <= c:
+            return int(self._cached_tokens[slot])
+        path = self._paths[slot][:c]
+        parent = path[-1] if path else self._index.root
+        starts = self.spec.slot_row_starts(slot)
+        for key in self._index.keys(ids, c, full):
+            if key in parent.children:
+                break
+            phys = self._table.phys[starts + len(path)].astype(np.int64)
+            self._table.hold(phys)
+            parent = self._index.add(parent, key, phys)
+            parent.slots.add(slot)
+            self._index.lock([parent])
+            path.append(parent)
+        self._paths[slot] = path
+        self._counters["prefix_cached_pages"] += (len(path) - c) * self.spec.rows_per_slot
+        cols.cached[slot] = len(path)
+        self._cached_tokens[slot] = max(int(self._cached_tokens[slot]), len(path) * self._tpp)
+        return int(self._cached_tokens[slot])
+
+    def prefix_stats(self) -> dict:
+        """Prefix cache counters: pages mapped from the index into slots (map calls carrying them), pages
+        found already in place, pages entered and evicted, pages cached now, KV bytes copied (no code
+        path copies KV: always 0)."""
+        c, rows = self._counters, self.spec.rows_per_slot
+        return {"hit_pages": c["prefix_mapped_pages"] + c["prefix_inplace_pages"],
+                "mapped_pages": c["prefix_mapped_pages"], "inplace_pages": c["prefix_inplace_pages"],
+                "map_calls": c["prefix_map_calls"], "unmap_calls": c["prefix_unmap_calls"],
+                "cached_pages_total": c["prefix_cached_pages"], "evicted_pages": c["prefix_evicted_pages"],
+                "cached_pages": self._index.num_nodes * rows, "kv_bytes_copied": c["kv_bytes_copied"],
+                "page_tokens": self._tpp}
 
     def _release_slot(self, slot: int) -> None:
         self._settle()
         self._idle.update(int(np.count_nonzero(self._live)) - 1)   # slot is still counted live here
+        self._drop_prefix(slot)           # its cached columns stay mapped (deferred): a later match lands here
         self._clock += 1
         self._cols.freed_at[slot] = self._clock
         self._eager_leftovers.discard(slot)
@@ -221,18 +351,27 @@ class VirtualKVCache(SlotCache):
 
     # ---- planning (pure; planning.py) ---------------------------------------------------------
     def pages_needed(self, needs: Mapping[int, int]) -> int:
-        """Pool pages step(needs) would map (pages already mapped in the slots count as there)."""
+        """Pool pages step(needs) would take from the free pool (pages already mapped in the slots, and
+        cached pages attached to them, count as there)."""
         slots, tokens = self._parse_needs(needs)
-        return self._cols.pages_to_map(slots, tokens)
+        return self._fresh_pages(slots, tokens)
+
+    def _fresh_pages(self, slots: np.ndarray, tokens: np.ndarray) -> int:
+        attached = sum(len(self._attach[s]) for s in slots.tolist() if s in self._attach)
+        return max(self._cols.pages_to_map(slots, tokens) - attached * self.spec.rows_per_slot, 0)
+
+    def _reclaimable(self, protected: np.ndarray | None = None) -> int:
+        """Pages a step may take back: slots' unprotected columns, then unlocked index columns."""
+        return self._cols.reclaimable_pages(protected) + self._index.num_evictable * self.spec.rows_per_slot
 
     def can_allocate(self, needs: Mapping[int, int]) -> bool:
         """Whether step(needs) would succeed now: free pages plus pages it may take back (no side effects)."""
         slots, tokens = self._parse_needs(needs)
-        needed = self._cols.pages_to_map(slots, tokens)
-        return needed <= self._free_pages() + self._cols.reclaimable_pages(self._cols.protected(slots, tokens))
+        needed = self._fresh_pages(slots, tokens)
+        return needed <= self._free_pages() + self._reclaimable(self._cols.protected(slots, tokens))
 
     def _available_pages(self) -> int:
-        return self._free_pages() + self._cols.reclaimable_pages()
+        return self._free_pages() + self._reclaimable()
 
     def _free_pages(self) -> int:
         """Free pool pages step may map now: with a budget, those holding memory plus the budget's room."""
@@ -264,10 +403,16 @@ class VirtualKVCache(SlotCache):
         """Returns the pool pages the reclaim released (no other reference)."""
         released = self._table.clear(reclaim.virt)
         self._cols.shrink(reclaim.keep)
+        for s, k in reclaim.keep.items():      # the slot no longer maps its cached columns from k on
+            for node in self._paths[s][k:reclaim.before[s].cached]:
+                node.slots.discard(s)
         return released
 
     def _undo_reclaim(self, reclaim: Reclaim) -> None:
         self._table.set(reclaim.virt, reclaim.phys)
+        for s, k in reclaim.keep.items():
+            for node in self._paths[s][k:reclaim.before[s].cached]:
+                node.slots.add(s)
         self._cols.restore(reclaim.before)
 
     # ---- synchronous changes ------------------------------------------------------------------
@@ -285,55 +430,129 @@ class VirtualKVCache(SlotCache):
     def step(self, needs: Mapping[int, int]) -> None:
         """Make tokens [0, needs[slot]) of every slot writable, in one native map call.
 
-        Atomic: if the pool (free plus reclaimable pages) cannot cover it, VmemOutOfMemory(needed_pages,
-        free_pages) is raised and nothing changes; if the native map fails (map budget, driver), the
-        native call rolled back and so does this one (pages taken from idle slots are mapped back).
+        The call maps the cached pages attached to new requests (alloc_slot(token_ids=...)) and the
+        fresh pages of the growth together::
+
+            slot s:  [0, cached)      mapped already (its path in the prefix index)
+                     [cached, k)      attached index pages  -+- one native call
+                     [k, target)      fresh pool pages      -+  (k: end of the attached columns)
+
+        Atomic: if the pool (free plus reclaimable pages, cached ones included) cannot cover it,
+        VmemOutOfMemory(needed_pages, free_pages) is raised and nothing changes; if the native map fails
+        (map budget, driver), the native call rolled back and so does this one (pages taken from idle
+        slots are mapped back, evicted index columns put back).
         """
         slots, tokens = self._parse_needs(needs)
         self._settle()
-        if self._cols.shared[slots].any():
+        if self._cols.shared[slots].any() or self._cached_tokens[slots].any():
             self._check_shared_lengths(slots, tokens)
-        needed = self._cols.pages_to_map(slots, tokens)
+        needed = self._fresh_pages(slots, tokens)
         reused = self._cols.reused_pages(slots, tokens)
         free = self._free_pages()
-        reclaim = None
+        reclaim, evicted = None, []
         if needed > free:
             protected = self._cols.protected(slots, tokens)
-            available = free + self._cols.reclaimable_pages(protected)
+            available = free + self._reclaimable(protected)
             if needed > available:
                 if self._lease is not None and free < self._table.num_free:   # the budget is what is short
                     self._lease.set_demand((needed - available) * self.spec.page_bytes)
                 raise VmemOutOfMemory("vmem.step: %d pages needed, %d free or reclaimable" % (needed, available),
                                       needed_pages=needed, free_pages=available, op="vmem.step")
-            reclaim = self._shrink(self._cols.plan_reclaim(needed - free, protected), trim=False)
-            self._counters["reclaimed_pages"] += reclaim.num_pages
-            logger.debug("reclaimed %d pages from %d idle slots", reclaim.num_pages, len(reclaim.keep))
-        if needed:
+            reclaim, evicted = self._reclaim_for(needed - free, protected)
+        attach = [(s, self._attach[s]) for s in slots.tolist() if s in self._attach]
+        if needed or attach:
+            avirt, aphys = self._attachment_pages(attach)
+            self._table.set(avirt, aphys)          # so the growth continues after the attached columns
+            for s, nodes in attach:
+                self._cols.columns[s] += len(nodes)
             growth = self._plan_growth(slots, tokens, needed)
             try:
-                self._pages.map(growth.virt, growth.phys)
+                self._pages.native_map(np.concatenate([avirt, growth.virt]), np.concatenate([aphys, growth.phys]))
             except BaseException:
-                self._after_failed_map(growth, reclaim)
+                self._table.clear(avirt)
+                for s, nodes in attach:
+                    self._cols.columns[s] -= len(nodes)
+                self._after_failed_map(growth, reclaim, evicted)
                 raise
+            self._table.set(growth.virt, growth.phys)
             self._cols.grow(growth)
+            self._realize_attachments(attach, avirt.size)
         self._counters["reused_pages"] += reused
         self._record_lengths(slots, tokens)
-        self._note_used(self._table.num_used - self._cols.reclaimable_pages())
+        self._note_used(self._table.num_used - self._reclaimable())
 
-    def _after_failed_map(self, growth: Growth, reclaim: Reclaim | None) -> None:
+    def _attachment_pages(self, attach) -> tuple[np.ndarray, np.ndarray]:
+        """Virtual and pool pages ([n] int64 each) of attached index columns, row after row."""
+        virt, phys = [], []
+        for s, nodes in attach:
+            first = int(self._cols.columns[s])
+            virt.append(self.spec.slot_virtual_pages(s, first, first + len(nodes)))     # [rows, k]
+            phys.append(np.stack([n.phys for n in nodes], axis=1))                        # [rows, k]
+        if not virt:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return (np.concatenate([v.reshape(-1) for v in virt]),
+                np.concatenate([p.reshape(-1) for p in phys]).astype(np.int64))
+
+    def _realize_attachments(self, attach, num_pages: int) -> None:
+        for s, nodes in attach:
+            del self._attach[s]
+            for node in nodes:
+                node.slots.add(s)
+            self._paths[s] = self._paths[s][:int(self._cols.cached[s])] + nodes
+            self._cols.cached[s] += len(nodes)
+        if attach:
+            self._counters["prefix_mapped_pages"] += int(num_pages)
+            self._counters["prefix_map_calls"] += 1
+
+    def _reclaim_for(self, shortfall_pages: int, protected: np.ndarray):
+        """Take back ``shortfall_pages``: slots' unprotected columns first (planning.plan_reclaim), then
+        index columns, least recently used leaf first (unmapped from the idle slots that still map them,
+        their holds dropped). One unmap call. Returns (Reclaim, evicted nodes)."""
+        rows = self.spec.rows_per_slot
+        keep = self._cols.plan_reclaim(shortfall_pages, protected)
+        taken = sum(int(self._cols.columns[s]) - k for s, k in keep.items()) * rows
+        evicted = []
+        if taken < shortfall_pages:
+            evicted = self._index.plan_eviction(-(-(shortfall_pages - taken) // rows))
+            for node in evicted:
+                for s in node.slots:
+                    keep[s] = min(keep.get(s, int(self._cols.columns[s])), node.column)
+        reclaim = self._shrink(keep, trim=False)
+        self._evict(evicted)
+        self._counters["reclaimed_pages"] += reclaim.num_pages
+        logger.debug("reclaimed %d pages from %d slots, evicted %d cached columns", reclaim.num_pages,
+                     len(reclaim.keep), len(evicted))
+        return reclaim, evicted
+
+    def _evict(self, nodes: list[PrefixNode]) -> np.ndarray:
+        """Drop unlocked nodes (mapped by no slot any more) from the index; returns the pages freed."""
+        if not nodes:
+            return np.zeros(0, dtype=np.int64)
+        self._index.remove(nodes)
+        self._counters["prefix_evicted_pages"] += len(nodes) * self.spec.rows_per_slot
+        return self._table.release(np.concatenate([n.phys for n in nodes]))
+
+    def _after_failed_map(self, growth: Growth, reclaim: Reclaim | None, evicted=()) -> None:
         """The native map rolled back, but pages it populated before failing may still hold memory:
-        trim them; then give idle slots their reclaimed pages back (or, if that fails too, trim those)."""
-        reclaimed = reclaim.phys if reclaim is not None else np.zeros(0, dtype=np.int64)
+        trim them; give the index its evicted columns back (nothing wrote them: their data is intact),
+        then idle slots their reclaimed pages (or, if that remap fails too, trim the unreferenced ones)."""
+        kept = [reclaim.phys] if reclaim is not None else []
+        kept += [n.phys for n in evicted]
         try:
-            self._pages.trim(np.setdiff1d(growth.phys, reclaimed))
+            self._pages.trim(np.setdiff1d(growth.phys, np.concatenate(kept)) if kept else growth.phys)
         except VmemError as exc:
             logger.warning("trim after a failed map failed: %s", exc)
+        if evicted:
+            self._table.hold(np.concatenate([n.phys for n in evicted]))
+            self._index.restore(evicted)
+            self._counters["prefix_evicted_pages"] -= len(evicted) * self.spec.rows_per_slot
         if reclaim is None or not reclaim.num_pages:
             return
         try:
             self._pages.native_map(reclaim.virt, reclaim.phys)
         except VmemError:
-            self._pages.trim(np.unique(reclaim.phys))
+            phys = np.unique(reclaim.phys)
+            self._pages.trim(phys[self._table.refcount[phys] == 0])
             return
         self._undo_reclaim(reclaim)
 
@@ -370,6 +589,8 @@ class VirtualKVCache(SlotCache):
         if k == 0:
             return 0
         cols = self._cols
+        self._drop_prefix(dst)                         # a prefix attached at alloc_slot gives way
+        self._cached_tokens[dst] = 0
         if cols.columns[dst]:
             self._shrink({dst: 0}, trim=True)          # pages dst inherited make way for the shared ones
         virt = spec.slot_virtual_pages(dst, 0, k).reshape(-1)
@@ -379,29 +600,39 @@ class VirtualKVCache(SlotCache):
         cols.inherited[dst] = 0
         cols.shared[src] = max(int(cols.shared[src]), k)
         cols.shared[dst] = k
+        c = min(k, int(cols.cached[src]))              # src's cached columns are cached columns of dst too
+        self._paths[dst] = self._paths[src][:c]
+        cols.cached[dst] = c
+        for node in self._paths[dst]:
+            node.slots.add(dst)
+        self._index.lock(self._paths[dst])
+        self._cached_tokens[dst] = c * int(spec.tokens_per_page)
         shared_tokens = k * int(spec.tokens_per_page)
         self._record_lengths(np.array([dst]), np.array([shared_tokens]))
         return shared_tokens
 
     def _check_shared_lengths(self, slots: np.ndarray, tokens: np.ndarray) -> None:
-        floor = self._cols.shared[slots] * int(self.spec.tokens_per_page)
+        floor = np.maximum(self._cols.shared[slots] * int(self.spec.tokens_per_page), self._cached_tokens[slots])
         if np.any(tokens < floor):
             bad = int(np.flatnonzero(tokens < floor)[0])
-            raise VmemInvalidArgument("slot %d shares its first %d tokens with another request; it cannot "
-                                      "shrink to %d" % (slots[bad], floor[bad], tokens[bad]))
+            raise VmemInvalidArgument("slot %d shares its first %d tokens with other requests (a shared or cached "
+                                      "prefix); it cannot shrink to %d" % (slots[bad], floor[bad], tokens[bad]))
 
     def reclaim_idle(self) -> int:
-        """Unmap every reclaimable page now (idle slots' pages, live slots' columns beyond their length)
-        and return the memory to the OS. Returns the pages released."""
+        """Unmap every reclaimable page now (idle slots' pages, live slots' columns beyond their length),
+        evict every unlocked column of the prefix index, and return the memory to the OS. Returns the
+        pages released."""
         self._check_open()
         self._settle()
         cols = self._cols
         protected = cols.protected()
         protected[~self._live] = 0             # freed slots whose shared pages could not be unmapped: retry
         keep = {int(s): int(protected[s]) for s in np.flatnonzero(cols.columns > protected)}
+        free = self._table.num_free
         reclaim = self._shrink(keep, trim=True)
+        self._pages.trim(self._evict(self._index.plan_eviction(self._index.num_evictable)))
         self._counters["reclaimed_pages"] += reclaim.num_pages
-        return reclaim.num_pages
+        return self._table.num_free - free
 
     # ---- elastic budget (elastic.py) ----------------------------------------------------------
     @property
@@ -449,8 +680,8 @@ class VirtualKVCache(SlotCache):
         if self._lease is None:
             return False
         slots, tokens = self._parse_needs(needs)
-        needed = self._cols.pages_to_map(slots, tokens)
-        reclaimable = self._cols.reclaimable_pages(self._cols.protected(slots, tokens))
+        needed = self._fresh_pages(slots, tokens)
+        reclaimable = self._reclaimable(self._cols.protected(slots, tokens))
         available = self._free_pages() + reclaimable
         if needed <= available or needed > self._table.num_free + reclaimable:
             return False                   # it fits, or the pool itself is too small
@@ -471,8 +702,8 @@ class VirtualKVCache(SlotCache):
         raise VmemOutOfMemory), or the cache is synchronous, this does nothing.
         """
         slots, tokens = self._parse_needs(needs)
-        if self._prefetcher is None:
-            return
+        if self._prefetcher is None or any(s in self._attach for s in slots.tolist()):
+            return                             # attached prefixes are mapped by step(), with its growth
         self._settle()
         cols = self._cols
         needed = cols.pages_to_map(slots, tokens)
@@ -530,7 +761,7 @@ class VirtualKVCache(SlotCache):
 
     # ---- statistics and checks --------------------------------------------------------------
     def stats(self) -> CacheStats:
-        reclaimable = self._cols.reclaimable_pages()
+        reclaimable = self._reclaimable()
         used = self._table.num_used - reclaimable          # physical pages: a shared page counts once
         s = self._stats(page_bytes=self.spec.page_bytes, total_pages=self.num_pool_pages, used_pages=used,
                         reclaimable_pages=reclaimable, os_mappings=int(self._reservation.num_mappings))
@@ -572,14 +803,15 @@ class VirtualKVCache(SlotCache):
             left = set(np.flatnonzero(~self._live & (cols.columns > 0)).tolist()) - self._eager_leftovers
             if left:
                 problems.append("eager reclamation left pages in free slots %s" % sorted(left))
-        shared_pages = np.flatnonzero(table.refcount > 1)
+        column = np.arange(spec.pages_per_row)[None, None, None, :]
+        shared_pages = np.flatnonzero(table.refcount - table.held > 1)
         if shared_pages.size:
             refs = np.isin(table.phys, shared_pages).reshape(shape)
-            outside = refs & (np.arange(spec.pages_per_row)[None, None, None, :]
-                              >= cols.shared[None, :, None, None])
+            outside = refs & (column >= np.maximum(cols.shared, cols.cached)[None, :, None, None])
             if outside.any():
                 problems.append("pages with several references outside the shared columns of slots %s"
                                 % np.flatnonzero(outside.any(axis=(0, 2, 3))).tolist())
+        problems += self._check_prefix(shape, column)
         s = self.stats()
         if s.used_pages + s.reclaimable_pages + s.free_pages != s.total_pages or s.mapped_pages != table.num_used:
             problems.append("used %d + reclaimable %d + free %d != %d pages, or mapped %d != page table %d"
@@ -587,6 +819,46 @@ class VirtualKVCache(SlotCache):
                                table.num_used))
         if problems:
             raise VmemIntegrityError("; ".join(problems))
+
+    def _check_prefix(self, shape, column) -> list[str]:
+        """Invariant 6 (class docstring)."""
+        spec, table, cols, index = self.spec, self._table, self._cols, self._index
+        problems = index.check()
+        nodes = index.nodes()
+        held = np.zeros(table.num_pool_pages, dtype=np.int64)
+        for node in nodes:
+            np.add.at(held, node.phys, 1)
+        if not np.array_equal(held, table.held):
+            problems.append("the page table's held references are not the prefix index's pages")
+        writable = np.isin(table.phys, np.flatnonzero(table.held)).reshape(shape) & (column >= cols.cached[None, :, None, None])
+        if writable.any():
+            problems.append("slots %s map cached pages outside their cached columns (they could write them)"
+                            % np.flatnonzero(writable.any(axis=(0, 2, 3))).tolist())
+        users = {id(n): set() for n in nodes}
+        locks = {id(n): 0 for n in nodes}
+        for s in range(spec.max_batch):
+            c = int(cols.cached[s])
+            path = self._paths[s][:c] if len(self._paths[s]) >= c else None
+            if path is None or cols.columns[s] < c or any(n.column != i or id(n) not in users or
+                                                          (i and n.parent is not path[i - 1])
+                                                          for i, n in enumerate(path)):
+                problems.append("slot %d: its cached columns are not a root path of the index" % s)
+                continue
+            if c and not np.array_equal(table.phys[spec.slot_virtual_pages(s, 0, c)],
+                                        np.stack([n.phys for n in path], axis=1)):
+                problems.append("slot %d: its cached columns do not map the index's pages" % s)
+            attached = self._attach.get(s, [])
+            if self._live[s] and self._cached_tokens[s] < (c + len(attached)) * self._tpp:
+                problems.append("live slot %d could write its cached prefix" % s)
+            for n in path:
+                users[id(n)].add(s)
+            for n in path + attached if self._live[s] else ():
+                locks[id(n)] += 1
+            if attached and (not self._live[s] or attached[0].column != c or id(attached[-1]) not in users):
+                problems.append("slot %d: a bad pending attachment" % s)
+        if any(n.slots != users[id(n)] or n.lock != locks[id(n)] for n in nodes):
+            problems.append("index nodes' slots or locks disagree with the slots' cached columns")
+        return problems
 
     def close(self) -> None:
         """Wait for the worker, unmap everything and release the reservation and the pool."""

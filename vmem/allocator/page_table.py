@@ -25,10 +25,11 @@ class PageTable:
     """Virtual pages of one reservation -> physical pages of one pool.
 
     ``phys[v]`` is the pool page mapped at virtual page ``v`` or -1; ``refcount[p]`` counts the
-    virtual pages that map pool page ``p`` (more than one once prefixes are shared).
+    virtual pages that map pool page ``p`` (more than one once prefixes are shared) plus ``held[p]``,
+    references held without a mapping (the prefix index's, see prefix.py).
 
     Invariants (``check()`` verifies them):
-      * ``refcount[p] == #{v : phys[v] == p}`` for every pool page p;
+      * ``refcount[p] == #{v : phys[v] == p} + held[p]`` for every pool page p;
       * ``num_used == #{p : refcount[p] > 0}`` and ``num_mapped_virtual == #{v : phys[v] >= 0}``;
       * a resident page is one the OS holds memory for: every referenced page is resident.
     """
@@ -37,6 +38,7 @@ class PageTable:
         self.phys = np.full(num_virtual_pages, UNMAPPED, dtype=np.int32 if num_pool_pages < 2**31 else np.int64)
         self.refcount = np.zeros(num_pool_pages, dtype=np.int32)
         self.resident = np.zeros(num_pool_pages, dtype=bool)
+        self.held = np.zeros(num_pool_pages, dtype=np.int32)
         self.num_used = 0
         self.num_mapped_virtual = 0
 
@@ -71,13 +73,33 @@ class PageTable:
         self.num_mapped_virtual -= int(virt.size)
         return released
 
+    def hold(self, phys: np.ndarray) -> None:
+        """Take a reference to pool pages ``phys`` ([n] int64, resident: they hold data) that outlives
+        their mappings."""
+        if np.any(~self.resident[phys]):
+            raise VmemInvalidArgument("page table: only resident pages can be held")
+        before = self.refcount[phys] == 0
+        np.add.at(self.held, phys, 1)
+        np.add.at(self.refcount, phys, 1)
+        self.num_used += int(np.unique(phys[before]).size)
+
+    def release(self, phys: np.ndarray) -> np.ndarray:
+        """Drop references taken by hold(); return the pool pages whose count dropped to zero."""
+        if np.any(self.held[phys] <= 0):
+            raise VmemInvalidArgument("page table: releasing a page that is not held")
+        np.subtract.at(self.held, phys, 1)
+        np.subtract.at(self.refcount, phys, 1)
+        released = np.unique(phys[self.refcount[phys] == 0])
+        self.num_used -= int(released.size)
+        return released
+
     def rebuild(self, phys: np.ndarray) -> None:
         """Take ``phys`` ([num_virtual_pages] int64, -1 unmapped: the backend's own table) as the truth and
         recount everything from it; referenced pages become resident (the others keep their flag)."""
         phys = np.asarray(phys, dtype=np.int64)
         mapped = phys[phys != UNMAPPED]
         self.phys[:] = phys
-        self.refcount[:] = np.bincount(mapped, minlength=self.num_pool_pages)[:self.num_pool_pages]
+        self.refcount[:] = np.bincount(mapped, minlength=self.num_pool_pages)[:self.num_pool_pages] + self.held
         self.num_used = int(np.count_nonzero(self.refcount))
         self.num_mapped_virtual = int(mapped.size)
         self.resident |= self.refcount > 0
@@ -110,10 +132,10 @@ class PageTable:
         if counts.shape[0] != self.num_pool_pages:
             problems.append("page table maps pool pages beyond the pool (%d >= %d)"
                             % (counts.shape[0] - 1, self.num_pool_pages))
-        elif not np.array_equal(counts, self.refcount):
+        elif not np.array_equal(counts + self.held, self.refcount):
             bad = np.flatnonzero(counts != self.refcount)[:5]
             problems.append("reference counts disagree with the page table at pool pages %s" % bad.tolist())
-        if np.any(self.refcount < 0):
+        if np.any(self.refcount < 0) or np.any(self.held < 0):
             problems.append("negative reference counts")
         if self.num_used != int(np.count_nonzero(self.refcount)):
             problems.append("num_used %d != pages with references %d"

@@ -7,6 +7,8 @@ page j of every row of s (spec.slot_virtual_pages), so a slot with ``columns[s] 
     row 0 of slot s:  | c0 | c1 | c2 | .. | c(c-1) |  unmapped ...      columns[s] = c
     row 1 of slot s:  | c0 | c1 | c2 | .. | c(c-1) |  unmapped ...
                        [0, shared[s])   shared with another slot: never reclaimed
+                       [0, cached[s])   pages of the prefix index (prefix.py): freed only by evicting
+                                        them from the index, never by shrinking the slot
                        [0, protected)   cover the live length (or a pending step): never reclaimed
                                         [protected, c)  reclaimable, tail first
 
@@ -30,6 +32,7 @@ class SlotColumns(NamedTuple):
     columns: int
     inherited: int
     shared: int
+    cached: int
 
 
 class Growth(NamedTuple):
@@ -63,7 +66,8 @@ class ColumnPlanner:
     """Per-slot column state and the pure planning over it.
 
     columns [max_batch] int64: mapped columns of each slot; inherited: columns a request found mapped in
-    its slot (counts reuse); shared: leading columns shared with another slot; freed_at: a clock value
+    its slot (counts reuse); shared: leading columns shared with another slot; cached: leading columns
+    that map prefix-index pages (the cache keeps which nodes); freed_at: a clock value
     at each slot's last free (ReclaimPolicy order). ``live`` and ``lengths`` ([max_batch] bool / int64)
     are the slot bookkeeping's arrays, read, never written.
     """
@@ -77,6 +81,7 @@ class ColumnPlanner:
         self.columns = np.zeros(n, dtype=np.int64)
         self.inherited = np.zeros(n, dtype=np.int64)
         self.shared = np.zeros(n, dtype=np.int64)
+        self.cached = np.zeros(n, dtype=np.int64)
         self.freed_at = np.zeros(n, dtype=np.int64)
 
     def growth(self, slots: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -92,11 +97,12 @@ class ColumnPlanner:
 
     def protected(self, slots: np.ndarray | None = None, tokens: np.ndarray | None = None) -> np.ndarray:
         """[max_batch] int64: columns each slot must keep: those covering a live slot's length, or the
-        tokens a pending step(needs) asks for, and shared columns; every other mapped column is reclaimable
-        (and its pages have no other reference, so reclaiming it frees exactly its pages)."""
+        tokens a pending step(needs) asks for, shared columns and cached columns (the index frees those);
+        every other mapped column is reclaimable (and its pages have no other reference, so reclaiming it
+        frees exactly its pages)."""
         row_pages = self.spec.row_pages_for_tokens_array
         protected = np.where(self.live, row_pages(self.lengths), 0)
-        protected = np.maximum(protected, self.shared)
+        protected = np.maximum(np.maximum(protected, self.shared), self.cached)
         if slots is not None and slots.size:
             protected[slots] = np.maximum(protected[slots], row_pages(tokens))
         return protected
@@ -134,7 +140,8 @@ class ColumnPlanner:
 
     def reclaim(self, keep: dict[int, int], table: PageTable) -> Reclaim:
         """The record of shrinking slots to ``keep`` columns (pages as the table maps them now)."""
-        before = {s: SlotColumns(int(self.columns[s]), int(self.inherited[s]), int(self.shared[s])) for s in keep}
+        before = {s: SlotColumns(int(self.columns[s]), int(self.inherited[s]), int(self.shared[s]),
+                                 int(self.cached[s])) for s in keep}
         virt = [self.spec.slot_virtual_pages(s, k, before[s].columns).reshape(-1) for s, k in keep.items()]
         virt = np.concatenate(virt) if virt else np.zeros(0, dtype=np.int64)
         return Reclaim(dict(keep), before, virt, table.phys[virt].astype(np.int64))
@@ -172,7 +179,8 @@ class ColumnPlanner:
             self.columns[s] = k
             self.inherited[s] = min(int(self.inherited[s]), k)
             self.shared[s] = min(int(self.shared[s]), k)
+            self.cached[s] = min(int(self.cached[s]), k)
 
     def restore(self, before: dict[int, SlotColumns]) -> None:
         for s, cols in before.items():
-            self.columns[s], self.inherited[s], self.shared[s] = cols
+            self.columns[s], self.inherited[s], self.shared[s], self.cached[s] = cols

@@ -89,6 +89,7 @@ class RequestOutput(NamedTuple):
     finish_reason: str | None         # "length" | "stop" | "abort" | "error"
     num_prompt_tokens: int
     num_output_tokens: int
+    num_cached_tokens: int = 0        # prompt tokens served by the prefix cache (OpenAI usage.cached_tokens)
 
 
 class Engine:
@@ -200,6 +201,9 @@ class Engine:
         tokens = self._sample_all(batch.seqs, last_logits)
         for seq, n, token in zip(batch.seqs, batch.num_new_tokens, tokens):
             seq.num_cached_tokens += n
+            if seq.num_cached_tokens <= seq.num_prompt_tokens and self.cache.prefix_caching:
+                # a prefill chunk ran: its full pages can serve other requests at once
+                self.cache.cache_prefix(seq.slot, seq.token_ids[:seq.num_cached_tokens])
             if token is None:
                 continue                       # a prefill chunk that does not reach the end yet
             seq.token_ids.append(token)
@@ -223,7 +227,9 @@ class Engine:
         out = dict(s._asdict()) if hasattr(s, "_asdict") else dict(vars(s))
         out.update({"cache_kind": self.cache.kind, "num_running": self.num_running,
                     "num_waiting": self.num_waiting, "num_preemptions": self.num_preemptions,
-                    "num_budget_waits": self.scheduler.num_budget_waits})
+                    "num_budget_waits": self.scheduler.num_budget_waits,
+                    "prefix_cache_queries": self.scheduler.prefix_queries,
+                    "prefix_cache_hits": self.scheduler.prefix_hits})
         out.update({k: (int(v) if float(v).is_integer() else v) for k, v in self.counters.items()})
         return out
 
@@ -338,7 +344,7 @@ class Engine:
     def _output(self, seq: Sequence, new_ids: list[int]) -> RequestOutput:
         finished = seq.status is SeqStatus.FINISHED
         return RequestOutput(seq.request_id, new_ids, finished, seq.finish_reason if finished else None,
-                             seq.num_prompt_tokens, seq.num_output_tokens)
+                             seq.num_prompt_tokens, seq.num_output_tokens, seq.num_prefix_cached)
 
 
 def _default_tokenizer():
@@ -351,14 +357,16 @@ def build_engine(model: Any = "tiny", cache_kind: str = "vmem", *, memory_bytes:
                  reclaim: str = "deferred", async_map: bool = True, seed: int = 0,
                  page_bytes: int | None = None, max_num_batched_tokens: int = 512,
                  prefill_chunk_tokens: int = 256, device: Any = None, dtype: Any = None,
-                 tokenizer: Any = None, budget: Any = None, budget_policy: Any = None) -> Engine:
+                 tokenizer: Any = None, budget: Any = None, budget_policy: Any = None,
+                 prefix_caching: bool = True) -> Engine:
     """A model on a fresh cache of `cache_kind`, in one call.
 
     model: a preset name ("tiny", "small", "medium"), any other string or path = a Hugging Face checkpoint
     directory (its tokenizer comes with it), a ModelConfig or a Model. dtype: None = the preset's float32 /
     the checkpoint's own; "float32", "bfloat16", "float16". memory_bytes: physical KV budget (None = enough
     for max_batch full-length sequences); max_seq_len: None = 1024, capped at the model's max_position;
-    page_bytes: the vmem page size (None = the spec's default).
+    page_bytes: the vmem page size (None = the spec's default); prefix_caching: reuse cached prompt
+    prefixes (vmem: page aliasing, paged: vLLM's block hashing; static has none).
     budget, budget_policy: vmem only: a shared KV budget (Budget, Lease, name or path) and its
     BudgetPolicy (allocator/elastic.py); memory_bytes then defaults to the budget's limit.
     """
@@ -384,6 +392,8 @@ def build_engine(model: Any = "tiny", cache_kind: str = "vmem", *, memory_bytes:
             cache_kwargs.update(budget=budget, budget_policy=budget_policy)
     elif budget is not None:
         raise VmemInvalidArgument("a shared KV budget needs the vmem cache, not %r" % (cache_kind,))
+    if cache_kind in ("vmem", "paged"):
+        cache_kwargs.update(prefix_caching=prefix_caching)
     cache = make_cache(cache_kind, spec, **cache_kwargs)
     if hasattr(model, "to"):
         model = model.to(cache.device)          # "auto" puts the cache on the GPU when there is one

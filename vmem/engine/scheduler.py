@@ -54,6 +54,7 @@ class Sequence:
     num_preemptions: int = 0
     generator: Any = None                 # torch.Generator for seeded sampling
     stop_scan_from: int = 0               # output chars already checked for stop strings
+    num_prefix_cached: int = 0            # prompt tokens found in the prefix cache at first admission
 
     @property
     def request_id(self) -> str:
@@ -98,6 +99,8 @@ class Scheduler:
     num_budget_waits: int = 0             # steps that waited for the budget instead of preempting
     budget_blocked: bool = False          # the last schedule() waited for the budget
     _budget_wait_since: float | None = None
+    prefix_queries: int = 0               # prompt tokens looked up in the prefix cache (first admissions)
+    prefix_hits: int = 0                  # of which found cached
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -158,13 +161,16 @@ class Scheduler:
         """FCFS: admit while a slot, the token budget and memory allow; the head blocks the rest."""
         while self.waiting and budget > 0 and self.cache.num_free_slots > 0:
             seq = self.waiting[0]
+            # hint: a slot already mapped that far; the prefix cache attaches what it holds of the tokens
+            slot = self.cache.alloc_slot(seq.max_total_tokens, token_ids=seq.token_ids)
+            seq.num_cached_tokens = self.cache.num_cached_tokens(slot)
             n = min(seq.num_pending_tokens, self.prefill_chunk_tokens, budget)
-            slot = self.cache.alloc_slot(seq.max_total_tokens)   # hint: a slot already mapped that far
             need = self._reservation(batch, slot, seq)
             if not self.cache.can_allocate(need):
                 short = getattr(self.cache, "budget_short", None)
                 budget_short = short is not None and short(need)   # other tenants hold the memory
                 self.cache.free_slot(slot)
+                seq.num_cached_tokens = 0
                 if self.running or budget_short:
                     self.budget_blocked |= budget_short
                     break
@@ -173,6 +179,10 @@ class Scheduler:
                 batch.failed.append(seq)
                 continue
             self.waiting.popleft()
+            if seq.num_preemptions == 0:      # vLLM's prefix-cache queries and hits, in tokens
+                seq.num_prefix_cached = seq.num_cached_tokens
+                self.prefix_queries += len(seq.token_ids)
+                self.prefix_hits += seq.num_cached_tokens
             seq.slot, seq.status = slot, SeqStatus.RUNNING
             self.running.append(seq)
             self._add(batch, seq, n)
@@ -233,13 +243,13 @@ class Scheduler:
 
     def reset_counters(self) -> None:
         """Zero the scheduler's counters (benchmarks measure after a warm-up)."""
-        self.num_preemptions = 0
+        self.num_preemptions = self.prefix_queries = self.prefix_hits = 0
         self.num_budget_waits = 0
 
     def preempt(self, seq: Sequence) -> None:
         """Recompute preemption: drop the K/V, keep the tokens, go back to the front of the queue."""
         self.running.remove(seq)
-        self.cache.free_slot(seq.slot)
+        self._release(seq)
         seq.slot, seq.num_cached_tokens, seq.status = None, 0, SeqStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -249,8 +259,14 @@ class Scheduler:
         """Mark finished and free its slot at once (running or waiting)."""
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
-            self.cache.free_slot(seq.slot)
+            self._release(seq)
             seq.slot = None
         elif seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
         seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
+
+    def _release(self, seq: Sequence) -> None:
+        """Free the slot; the pages of what it computed enter the prefix cache first (a preempted
+        sequence finds them again when it is readmitted)."""
+        self.cache.cache_prefix(seq.slot, seq.token_ids[:seq.num_cached_tokens])
+        self.cache.free_slot(seq.slot)

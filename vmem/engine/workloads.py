@@ -1,4 +1,4 @@
-"""Workloads: real trace loaders (Azure LLM inference 2023, BurstGPT) and a seeded generator.
+"""Workloads: real trace loaders (Azure LLM inference 2023, BurstGPT, Mooncake) and seeded generators.
 
 A workload is a list of `TraceRequest(arrival_s, prompt_tokens, output_tokens)` sorted by arrival,
 with arrivals in seconds from the first request. `output_tokens == 0` marks a failed request
@@ -10,11 +10,20 @@ Generator (see docs/structure.md and the notes on BurstGPT / Sarathi / `vllm ben
 Scaling knobs (`scale_trace`) keep a trace's shape while fitting it to a small CPU model:
   time_scale multiplies timestamps (0.5 = twice the rate), length_scale multiplies lengths,
   then lengths are clipped to [1, max_*_tokens].
+
+Workloads with shared prefixes carry token ids: `TokenRequest(arrival_s, prompt_ids, output_tokens)`.
+  Mooncake (FAST'25, `load_mooncake` + `mooncake_requests`): each record names its prompt's 512-token
+  blocks by `hash_ids`; equal ids become equal token blocks (drawn from a generator seeded by the id),
+  and `scale` shrinks lengths *and* the block together (1/32: 16-token blocks), so the sharing
+  structure survives on a small model. `generate_sessions`: multi-turn conversations over a few shared
+  system prompts; turn t's prompt is the system prompt, the earlier turns (user + reply) and a new
+  user message.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 from datetime import datetime
 from pathlib import Path
@@ -26,6 +35,8 @@ from vmem.errors import VmemInvalidArgument
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 AZURE_CONV_CSV = DATA_DIR / "azure_llm_inference_2023" / "AzureLLMInferenceTrace_conv.csv"
+MOONCAKE_CONV_JSONL = DATA_DIR / "mooncake_fast25" / "conversation_trace.jsonl"
+MOONCAKE_BLOCK_TOKENS = 512
 BURSTGPT_COLUMNS = ("Timestamp", "Model", "Request tokens", "Response tokens", "Total tokens", "Log Type")
 
 
@@ -33,6 +44,19 @@ class TraceRequest(NamedTuple):
     arrival_s: float      # seconds from the first request of the trace
     prompt_tokens: int
     output_tokens: int    # 0 = the request failed in the original system
+
+
+class TokenRequest(NamedTuple):
+    arrival_s: float            # seconds from the first request
+    prompt_ids: tuple[int, ...]
+    output_tokens: int
+
+
+class MooncakeRecord(NamedTuple):
+    arrival_s: float            # `timestamp` (ms) / 1000, from the first record
+    input_tokens: int
+    output_tokens: int
+    hash_ids: tuple[int, ...]   # one per 512-token prompt block; equal ids = equal blocks
 
 
 # ---------------------------------------------------------------- loaders
@@ -113,6 +137,83 @@ def write_burstgpt_csv(requests: Sequence[TraceRequest], path: str | Path, *, mo
         for r in requests:
             w.writerow([f"{r.arrival_s:.6f}", model, r.prompt_tokens, r.output_tokens,
                         r.prompt_tokens + r.output_tokens, "Conversation log"])
+
+
+def load_mooncake(path: str | Path | None = None) -> list[MooncakeRecord]:
+    """Mooncake trace JSONL (`timestamp` ms, `input_length`, `output_length`, `hash_ids`), sorted by
+    arrival, arrivals from 0; None = the bundled conversation trace (Apache-2.0, see its README)."""
+    path = Path(path) if path is not None else MOONCAKE_CONV_JSONL
+    rows = []
+    try:
+        with open(path) as f:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    r = json.loads(line)
+                    rec = (float(r["timestamp"]) / 1000.0, int(r["input_length"]), int(r["output_length"]),
+                           tuple(int(h) for h in r["hash_ids"]))
+                except (KeyError, ValueError, TypeError) as e:
+                    raise VmemInvalidArgument(f"{path}:{i + 1}: bad Mooncake record: {e}") from e
+                if rec[1] < 0 or rec[2] < 0 or len(rec[3]) < -(-rec[1] // MOONCAKE_BLOCK_TOKENS):
+                    raise VmemInvalidArgument(f"{path}:{i + 1}: lengths must be >= 0 and hash_ids must name "
+                                              f"every {MOONCAKE_BLOCK_TOKENS}-token block of the input")
+                rows.append(rec)
+    except OSError as e:
+        raise VmemInvalidArgument(f"cannot read trace {path}: {e}") from e
+    rows.sort(key=lambda r: r[0])
+    t0 = rows[0][0] if rows else 0.0
+    return [MooncakeRecord(t - t0, n, o, h) for t, n, o, h in rows]
+
+
+def mooncake_requests(records: Sequence[MooncakeRecord], *, scale: float = 1 / 32, vocab_size: int = 256,
+                      seed: int = 0, time_scale: float = 1.0, max_prompt_tokens: int | None = None,
+                      max_output_tokens: int | None = None) -> list[TokenRequest]:
+    """Token-level requests from Mooncake records, sharing structure kept.
+
+    A block of ``block = round(512 * scale)`` tokens stands for each hash id; its tokens are drawn from
+    a generator seeded by (seed, hash id), so equal ids give equal blocks in every request. Prompt
+    length ``round(input * scale)`` (>= 1): its blocks in order, the last one cut short. Prompts longer
+    than ``max_prompt_tokens`` keep their first tokens (a shared prefix stays shared). Output
+    ``round(output * scale)`` clipped to [1, max_output_tokens]. Arrivals *= time_scale.
+    """
+    if not 0 < scale <= 1 or time_scale <= 0:
+        raise VmemInvalidArgument(f"need 0 < scale <= 1 and time_scale > 0, got {scale}, {time_scale}")
+    block = max(1, round(MOONCAKE_BLOCK_TOKENS * scale))
+    blocks: dict[int, list[int]] = {}
+
+    def tokens_of(h: int) -> list[int]:
+        if h not in blocks:
+            blocks[h] = np.random.default_rng([seed, h]).integers(0, vocab_size, size=block).tolist()
+        return blocks[h]
+
+    out = []
+    for r in records:
+        n = _clip(round(r.input_tokens * scale), max_prompt_tokens)
+        ids: list[int] = []
+        for h in r.hash_ids[:-(-n // block)]:
+            ids.extend(tokens_of(h))
+        out.append(TokenRequest(r.arrival_s * time_scale, tuple(ids[:n]),
+                                _clip(round(r.output_tokens * scale), max_output_tokens)))
+    return out
+
+
+def prefix_reuse(requests: Sequence[TokenRequest], block_tokens: int) -> float:
+    """Share of prompt tokens in full blocks that repeat a leading prefix seen earlier (an unbounded
+    cache's hit rate at this block size, all but each prompt's last token eligible)."""
+    root: dict = {}
+    hit = total = 0
+    for r in requests:
+        ids, node, matching = r.prompt_ids, root, True
+        total += len(ids)
+        for i in range(len(ids) // block_tokens):
+            key = tuple(ids[i * block_tokens:(i + 1) * block_tokens])
+            if matching and key in node and (i + 1) * block_tokens < len(ids):
+                hit += block_tokens
+            else:
+                matching = False
+            node = node.setdefault(key, {})
+    return hit / total if total else 0.0
 
 
 # ---------------------------------------------------------------- scaling
@@ -213,6 +314,40 @@ def generate(num_requests: int, *, rate: float = 1.0, cv: float = 1.0,
     failed = rng.random(num_requests) < failure_fraction
     return [TraceRequest(float(t), int(p), 0 if f else int(o))
             for t, p, o, f in zip(arrivals, prompts, outputs, failed)]
+
+
+def generate_sessions(num_sessions: int, *, rate: float = 1.0, cv: float = 1.0, num_system_prompts: int = 4,
+                      system_prompt_tokens: int = 256, turns: ZipfLengths = ZipfLengths(1.0, 1, 6),
+                      user_lengths: ZipfLengths = ZipfLengths(1.1, 8, 128),
+                      output_lengths: ZipfLengths = ZipfLengths(1.1, 8, 128), think_time_s: float = 5.0,
+                      vocab_size: int = 256, seed: int = 0) -> list[TokenRequest]:
+    """Multi-turn sessions over shared system prompts, sorted by arrival.
+
+    Sessions start at Gamma arrivals (`rate`, `cv`) and pick one of `num_system_prompts` prompts of
+    `system_prompt_tokens` tokens (Zipf popularity, a = 1). Turn t's prompt = system prompt + every
+    earlier turn's user message and reply + a new user message, so each turn extends the last one's
+    prompt; turns are `think_time_s` apart (exponential). Replies are synthetic tokens of the sampled
+    output length, standing for what the model said.
+    """
+    if num_sessions < 0 or num_system_prompts < 1 or system_prompt_tokens < 0 or think_time_s < 0:
+        raise VmemInvalidArgument("need num_sessions >= 0, num_system_prompts >= 1, system_prompt_tokens >= 0 "
+                                  "and think_time_s >= 0")
+    rng = np.random.default_rng(seed)
+    systems = [rng.integers(0, vocab_size, size=system_prompt_tokens).tolist() for _ in range(num_system_prompts)]
+    popularity = np.arange(1, num_system_prompts + 1, dtype=np.float64) ** -1.0
+    starts = gamma_arrivals(rng, num_sessions, rate, cv)
+    out = []
+    for start in starts:
+        history = list(systems[int(rng.choice(num_system_prompts, p=popularity / popularity.sum()))])
+        t = float(start)
+        for _ in range(int(turns.sample(rng, 1)[0])):
+            history += rng.integers(0, vocab_size, size=int(user_lengths.sample(rng, 1)[0])).tolist()
+            num_out = int(output_lengths.sample(rng, 1)[0])
+            out.append(TokenRequest(t, tuple(history), num_out))
+            history += rng.integers(0, vocab_size, size=num_out).tolist()
+            t += float(rng.exponential(think_time_s)) if think_time_s else 0.0
+    out.sort(key=lambda r: r.arrival_s)
+    return out
 
 
 def summarize(requests: Sequence[TraceRequest]) -> dict:

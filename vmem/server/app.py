@@ -204,6 +204,7 @@ class _Flight:
         self.t_first: float | None = None
         self.num_prompt_tokens = len(request.prompt_ids)
         self.num_output_tokens = 0
+        self.num_cached_tokens = 0
         self.done = False
         state.engine_loop.submit(request, self.queue.put_nowait)   # runs on this event loop (EngineLoop.post)
 
@@ -224,6 +225,7 @@ class _Flight:
         if self.t_first is None and item.new_token_ids:
             self.t_first = time.monotonic()
         self.num_output_tokens = item.num_output_tokens
+        self.num_cached_tokens = item.num_cached_tokens
         delta, stopped = self.text.push(list(item.new_token_ids), item.finished)
         if stopped and not item.finished:
             self.state.engine_loop.abort(self.request.request_id)   # our stop string, the engine's slot
@@ -247,7 +249,7 @@ class _Flight:
 
     @property
     def usage(self) -> dict:
-        return usage(self.num_prompt_tokens, self.num_output_tokens)
+        return usage(self.num_prompt_tokens, self.num_output_tokens, self.num_cached_tokens)
 
 
 def _engine_error(exc: BaseException) -> ApiError:
@@ -599,7 +601,7 @@ def serve(args) -> int:
         import torch
         torch.set_num_threads(args.torch_threads)
     kwargs = {"memory_bytes": args.memory, "max_batch": args.max_batch, "backend": args.backend,
-              "seed": args.seed, "dtype": args.dtype}
+              "seed": args.seed, "dtype": args.dtype, "prefix_caching": args.enable_prefix_caching}
     if args.max_seq_len is not None:
         kwargs["max_seq_len"] = args.max_seq_len
     try:

@@ -342,6 +342,11 @@ class ServerMetrics:
         gauge("vmem_requests_waiting", "Requests queued, not yet running", [((), loop.num_queued)])
         gauge("vmem_preemptions_total", "Requests preempted (recomputed) by the engine",
               [((), _find(stats, "num_preemptions"))], "counter")
+        # vLLM's names: prompt tokens looked up in the prefix cache, and those found (hit rate = hits / queries)
+        gauge("vllm:prefix_cache_queries_total", "Prefix cache queries, in queried tokens",
+              [((), _find(stats, "prefix_cache_queries"))], "counter")
+        gauge("vllm:prefix_cache_hits_total", "Prefix cache hits, in cached tokens",
+              [((), _find(stats, "prefix_cache_hits"))], "counter")
         gauge("vmem_engine_steps_total", "Engine steps run", [((), loop.num_steps)], "counter")
         gauge("vmem_engine_up", "1 while the engine thread runs", [((), int(loop.alive))])
         gauge("vmem_requests_finished_total", "Requests finished, by reason",

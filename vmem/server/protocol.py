@@ -215,9 +215,11 @@ def new_id(prefix: str) -> str:
     return "%s-%s" % (prefix, uuid.uuid4().hex)
 
 
-def usage(num_prompt_tokens: int, num_output_tokens: int) -> dict:
+def usage(num_prompt_tokens: int, num_output_tokens: int, num_cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; cached_tokens: prompt tokens the prefix cache served."""
     return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_output_tokens,
-            "total_tokens": num_prompt_tokens + num_output_tokens}
+            "total_tokens": num_prompt_tokens + num_output_tokens,
+            "prompt_tokens_details": {"cached_tokens": num_cached_tokens}}
 
 
 class ResponseShaper:
