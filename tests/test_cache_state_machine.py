@@ -37,6 +37,16 @@ class CacheMachine(RuleBasedStateMachine):
         self.tags = {}
         self.segments = {}
         self.next_tag = 1.0
+        self.tpp = int(self.spec.tokens_per_page)
+        rng = np.random.default_rng(0)
+        p0 = rng.integers(0, 256, MAX_SEQ).tolist()
+        # prompts 0 and 1 share their first page, so the index branches; 2 shares nothing
+        self.prompts = [p0, p0[:self.tpp] + rng.integers(0, 256, MAX_SEQ - self.tpp).tolist(),
+                        rng.integers(0, 256, MAX_SEQ).tolist()]
+        self.prompt_of = {}       # slot -> prompt index: its tokens are that prompt's first lengths[slot]
+        self.path_len = {}        # slot -> leading columns that are index pages
+        self.shared_len = {}      # slot -> leading columns shared by share_prefix
+        self.cached = {}          # tuple of a prompt's first (j + 1) * tpp tokens -> tag written in column j
 
     def teardown(self):
         if hasattr(self, "cache"):
@@ -82,11 +92,78 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(hint=st.none() | st.integers(0, MAX_SEQ))
     def alloc(self, hint):
         slot = self.cache.alloc_slot(num_tokens=hint)
-        assert slot not in self.lengths
+        assert slot not in self.lengths and self.cache.num_cached_tokens(slot) == 0
+        self._new(slot, prompt=int(self.next_tag) % 3)
+
+    def _new(self, slot, prompt):
         self.lengths[slot] = 0
         self.tags[slot] = self.next_tag
         self.segments[slot] = []
         self.next_tag += 1.0
+        self.prompt_of[slot] = prompt
+        self.path_len[slot] = self.shared_len[slot] = 0
+
+    def _key(self, prompt, column):
+        return tuple(self.prompts[prompt][:(column + 1) * self.tpp])
+
+    def _sync_evictions(self):
+        """Drop from the model what the cache evicted; evictions never touch a live request's prefix."""
+        for key in list(self.cached):
+            node = self.cache._index.root
+            for j in range(len(key) // self.tpp):
+                node = node.children.get(key[j * self.tpp:(j + 1) * self.tpp])
+                if node is None:
+                    del self.cached[key]
+                    break
+        for slot, n in self.path_len.items():
+            for j in range(n):
+                assert self._key(self.prompt_of[slot], j) in self.cached, "a live request's prefix was evicted"
+
+    @precondition(lambda self: len(self.lengths) < MAX_BATCH)
+    @rule(prompt=st.integers(0, 2), num_tokens=st.sampled_from([MAX_SEQ, MAX_SEQ // 2 + 1]) | st.integers(1, MAX_SEQ))
+    def alloc_prefix(self, prompt, num_tokens):
+        """A request with a prompt: it gets the longest cached prefix the model predicts, mapped by one step."""
+        self._sync_evictions()
+        ids = self.prompts[prompt][:num_tokens]
+        expected = 0
+        while (expected + 1) * self.tpp <= num_tokens - 1 and self._key(prompt, expected) in self.cached:
+            expected += 1
+        assert self.cache.match_prefix(ids) == expected * self.tpp
+        slot = self.cache.alloc_slot(num_tokens=num_tokens, token_ids=ids)
+        assert slot not in self.lengths
+        got = self.cache.num_cached_tokens(slot)
+        assert got == expected * self.tpp
+        event("prefix hit" if got else "prefix miss")
+        self._new(slot, prompt)
+        if got:
+            calls = self.cache.stats().map_calls
+            assert self.cache.pages_needed({slot: got}) == 0
+            self.cache.step({slot: got})                   # maps the attached pages: no new ones
+            assert self.cache.stats().map_calls - calls <= 1
+            self.lengths[slot] = got
+            self.path_len[slot] = expected
+            self.segments[slot] = [(j * self.tpp, (j + 1) * self.tpp, self.cached[self._key(prompt, j)])
+                                   for j in range(expected)]
+
+    @precondition(lambda self: any(self.lengths.values()))
+    @rule(data=st.data())
+    def insert(self, data):
+        """A request's computed full pages enter the index (the engine does it after prefill chunks)."""
+        self._sync_evictions()
+        slot = data.draw(st.sampled_from(sorted(s for s, n in self.lengths.items() if n)))
+        prompt, n = self.prompt_of[slot], self.lengths[slot]
+        before = self.cache.num_cached_tokens(slot)
+        got = self.cache.cache_prefix(slot, self.prompts[prompt][:n])
+        if self.shared_len[slot] <= self.path_len[slot]:
+            j = self.path_len[slot]
+            while j < n // self.tpp and self._key(prompt, j) not in self.cached:
+                tags = {t for a, b, t in self.segments[slot] if a < (j + 1) * self.tpp and b > j * self.tpp}
+                assert len(tags) == 1
+                self.cached[self._key(prompt, j)] = tags.pop()
+                j += 1
+            self.path_len[slot] = j
+        assert got == max(before, self.path_len[slot] * self.tpp)
+        event("inserted %d columns" % (self.path_len[slot] - before // self.tpp))
 
     @precondition(lambda self: self.lengths)
     @rule(data=st.data(), grow=st.integers(0, MAX_SEQ), prefetch=st.booleans())
@@ -106,6 +183,7 @@ class CacheMachine(RuleBasedStateMachine):
         slot = data.draw(st.sampled_from(sorted(self.lengths)))
         self.cache.free_slot(slot)
         del self.lengths[slot], self.tags[slot], self.segments[slot]
+        del self.prompt_of[slot], self.path_len[slot], self.shared_len[slot]
 
     @precondition(lambda self: len(self.lengths) < MAX_BATCH and any(self.lengths.values()))
     @rule(data=st.data())
@@ -122,6 +200,11 @@ class CacheMachine(RuleBasedStateMachine):
         event("prefix shared" if shared else "prefix too short to share")
         self.lengths[dst] = shared
         self.segments[dst] = [(a, min(b, shared), t) for a, b, t in self.segments[src] if a < shared]
+        k = shared // tpp
+        self.prompt_of[dst] = self.prompt_of[src]
+        self.path_len[dst] = min(k, self.path_len[src])
+        self.shared_len[dst] = k
+        self.shared_len[src] = max(self.shared_len[src], k)
         after = self.cache.stats()
         assert after.live_tokens == before.live_tokens + shared
         assert after.pages_mapped - before.pages_mapped == self.spec.pages_for_tokens(shared)
@@ -165,6 +248,22 @@ class CacheMachine(RuleBasedStateMachine):
         # shared prefixes count once physically, so each request alone is a lower bound
         assert stats.used_pages >= max([self.spec.pages_for_tokens(n) for n in self.lengths.values()], default=0)
         assert self.cache.pool.resident_bytes() == stats.mapped_bytes
+
+    @invariant()
+    def cached_pages_keep_their_checksums(self):
+        """Every index column mapped in some slot (live or idle) holds the tag it had when cached."""
+        if not hasattr(self, "cache"):
+            return
+        self._sync_evictions()
+        for node in self.cache._index.nodes():
+            key, n = [], node
+            while n.column >= 0:
+                key[:0] = n.key
+                n = n.parent
+            assert tuple(key) in self.cached, "the index holds a column the model never cached"
+            for slot in node.slots:
+                for view in self._views(slot, node.column * self.tpp, (node.column + 1) * self.tpp):
+                    assert torch.all(view == self.cached[tuple(key)]), "a cached page was overwritten"
 
     @invariant()
     def data_survives(self):

@@ -224,7 +224,7 @@ class VirtualKVCache(SlotCache):
         finally:
             self._wanted = []
         if self._cols.cached[slot] and not self._cached_tokens[slot]:
-            self._shrink({slot: 0}, trim=False)   # cached pages this request would write over: unmapped here
+            self._shrink({slot: 0}, trim=True)    # cached pages this request would write over: unmapped here
             self._counters["prefix_unmap_calls"] += 1
         self._cols.inherited[slot] = self._cols.columns[slot]
         self._idle.update(1)
@@ -261,7 +261,7 @@ class VirtualKVCache(SlotCache):
         cols = self._cols
         common = self._common(slot, match)
         if cols.columns[slot] > common and (cols.cached[slot] > common or len(match) > common):
-            self._shrink({slot: common}, trim=False)
+            self._shrink({slot: common}, trim=True)
             self._counters["prefix_unmap_calls"] += 1
         self._paths[slot] = self._paths[slot][:common]
         if len(match) > common:

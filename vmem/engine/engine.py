@@ -229,7 +229,8 @@ class Engine:
                     "num_waiting": self.num_waiting, "num_preemptions": self.num_preemptions,
                     "num_budget_waits": self.scheduler.num_budget_waits,
                     "prefix_cache_queries": self.scheduler.prefix_queries,
-                    "prefix_cache_hits": self.scheduler.prefix_hits})
+                    "prefix_cache_hits": self.scheduler.prefix_hits,
+                    "prefix_cache_hit_requests": self.scheduler.prefix_hit_requests})
         out.update({k: (int(v) if float(v).is_integer() else v) for k, v in self.counters.items()})
         return out
 

@@ -101,6 +101,7 @@ class Scheduler:
     _budget_wait_since: float | None = None
     prefix_queries: int = 0               # prompt tokens looked up in the prefix cache (first admissions)
     prefix_hits: int = 0                  # of which found cached
+    prefix_hit_requests: int = 0          # first admissions that found some
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -183,6 +184,7 @@ class Scheduler:
                 seq.num_prefix_cached = seq.num_cached_tokens
                 self.prefix_queries += len(seq.token_ids)
                 self.prefix_hits += seq.num_cached_tokens
+                self.prefix_hit_requests += seq.num_cached_tokens > 0
             seq.slot, seq.status = slot, SeqStatus.RUNNING
             self.running.append(seq)
             self._add(batch, seq, n)
@@ -243,7 +245,7 @@ class Scheduler:
 
     def reset_counters(self) -> None:
         """Zero the scheduler's counters (benchmarks measure after a warm-up)."""
-        self.num_preemptions = self.prefix_queries = self.prefix_hits = 0
+        self.num_preemptions = self.prefix_queries = self.prefix_hits = self.prefix_hit_requests = 0
         self.num_budget_waits = 0
 
     def preempt(self, seq: Sequence) -> None:
