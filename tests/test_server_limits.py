@@ -81,6 +81,23 @@ def test_a_body_over_the_cap_is_413_before_it_is_sent(small_limits):
     assert m[("vmem_requests_rejected_total", (("status", "413"),))] == 2
 
 
+def test_the_default_body_cap_fits_a_full_prompt_in_any_spelling():
+    from vmem.server.app import BODY_BYTES_PER_TOKEN, body_bytes_for
+    assert body_bytes_for(256) == 1 << 20 and body_bytes_for(128 * 1024) == BODY_BYTES_PER_TOKEN * 128 * 1024
+    ids = [999_999] * 4096   # the longest token ids, as JSON: 8 bytes each with the separator
+    assert len(json.dumps({"model": "m", "prompt": ids}, separators=(",", ":"))) < body_bytes_for(4096)
+    text = "\u9f8d" * 4096   # one CJK character per token, \uXXXX-escaped as the openai client sends it
+    assert len(json.dumps({"model": "m", "prompt": text})) < body_bytes_for(4096)
+    live = LiveServer(build_engine(**ENGINE_KW))   # max_seq_len 256: the 1 MiB floor
+    try:
+        with socket.create_connection(("127.0.0.1", _port(live))) as s:
+            s.sendall(_head("/v1/completions", "Content-Type: application/json", "Content-Length: %d" % ((1 << 20) + 1)))
+            status, body = _read_response(s, 5)
+        assert status == 413 and "1048576" in json.loads(body)["error"]["message"]
+    finally:
+        live.stop()
+
+
 def test_a_body_that_trickles_in_is_408(small_limits):
     with socket.create_connection(("127.0.0.1", _port(small_limits))) as s:
         s.sendall(_head("/v1/completions", "Content-Type: application/json", "Content-Length: 100") + b'{"model"')

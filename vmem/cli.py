@@ -243,8 +243,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-prompt-tokens", type=_int_in(1), default=None, help="longer prompts get 400")
     p.add_argument("--max-tokens", type=_int_in(1), default=None, help="largest max_tokens a request may ask")
     p.add_argument("--max-queued", type=_int_in(1), default=512, help="queued requests before 429")
-    p.add_argument("--max-body-bytes", type=parse_bytes, default="8M",
-                   help="larger request bodies get 413 before they are read (default: 8M)")
+    p.add_argument("--max-body-bytes", type=parse_bytes, default=None,
+                   help="larger request bodies get 413 before they are read "
+                        "(default: 32 bytes per token of max-seq-len, at least 1M)")
     p.add_argument("--max-connections", type=_int_in(1), default=1024,
                    help="open connections; a request on one more gets 503 (default: 1024)")
     p.add_argument("--header-timeout", type=_float_in(0, lo_open=True), default=10.0, metavar="S",

@@ -69,19 +69,27 @@ class ServerLimits:
     max_tokens: int | None = None     # largest max_tokens a request may ask for
     max_queued: int = 512             # requests waiting to run; more answer 429
     default_max_tokens: int = 16      # /v1/completions default, as OpenAI
-    max_body_bytes: int = 8 << 20     # larger bodies answer 413, before they are read
+    max_body_bytes: int | None = None  # larger bodies answer 413, before they are read; None: body_bytes_for()
     body_timeout_s: float = 30.0      # a body still arriving after this answers 408
 
     def __post_init__(self):
         for name in ("max_prompt_tokens", "max_tokens", "max_queued", "default_max_tokens", "max_body_bytes"):
             value = getattr(self, name)
-            if value is None and name in ("max_prompt_tokens", "max_tokens"):
+            if value is None and name in ("max_prompt_tokens", "max_tokens", "max_body_bytes"):
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise VmemInvalidArgument("ServerLimits.%s must be an integer >= 1, got %r" % (name, value))
         t = self.body_timeout_s
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
             raise VmemInvalidArgument("ServerLimits.body_timeout_s must be a positive number of seconds, got %r" % (t,))
+
+
+BODY_BYTES_PER_TOKEN = 32   # a token id as JSON is <= 8 bytes, a \uXXXX-escaped character 6, text ~4 per token
+
+
+def body_bytes_for(max_seq_len: int) -> int:
+    """The default body cap: room for a prompt of max_seq_len tokens in any JSON spelling, at least 1 MiB."""
+    return max(1 << 20, BODY_BYTES_PER_TOKEN * max_seq_len)
 
 
 class ServerState:
@@ -94,6 +102,8 @@ class ServerState:
         self.tokenizer = engine.tokenizer
         self.max_seq_len = int(engine.max_seq_len)   # the cache's, or the model's max_position if smaller
         self.vocab_size = int(engine.model.config.vocab_size)
+        self.max_body_bytes = (body_bytes_for(self.max_seq_len) if limits.max_body_bytes is None
+                               else limits.max_body_bytes)
         self.engine_loop: EngineLoop | None = None   # made on the event loop, at startup
         self.metrics = ServerMetrics()
         self.created = int(time.time())
@@ -277,10 +287,9 @@ def _sse(obj: Any) -> str:
     return "data: %s\n\n" % json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
-async def _read_body(request: Request, limits: ServerLimits) -> bytes:
-    """The request body, at most ``limits.max_body_bytes`` (413 otherwise, said from the
-    Content-Length before a byte of the body is read), within ``limits.body_timeout_s`` (408)."""
-    cap = limits.max_body_bytes
+async def _read_body(request: Request, cap: int, timeout_s: float) -> bytes:
+    """The request body, at most ``cap`` bytes (413 otherwise, said from the Content-Length before
+    a byte of the body is read), within ``timeout_s`` (408)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.strip().isdigit() and int(declared) > cap:
         raise ApiError(413, "the request body is %s bytes; this server accepts at most %d" % (declared.strip(), cap),
@@ -298,9 +307,9 @@ async def _read_body(request: Request, limits: ServerLimits) -> bytes:
             chunks.append(chunk)
 
     try:
-        await asyncio.wait_for(read(), limits.body_timeout_s)
+        await asyncio.wait_for(read(), timeout_s)
     except asyncio.TimeoutError:
-        raise ApiError(408, "the request body took longer than %g s to arrive" % limits.body_timeout_s,
+        raise ApiError(408, "the request body took longer than %g s to arrive" % timeout_s,
                        code="body_timeout") from None
     return b"".join(chunks)
 
@@ -308,7 +317,7 @@ async def _read_body(request: Request, limits: ServerLimits) -> bytes:
 async def _generate(state: ServerState, request: Request, schema: type, chat: bool):
     request_id = new_id("chatcmpl" if chat else "cmpl")
     try:
-        raw = await _read_body(request, state.limits)
+        raw = await _read_body(request, state.max_body_bytes, state.limits.body_timeout_s)
         body, engine_request, stop = await asyncio.get_running_loop().run_in_executor(
             state.prepare_pool, state.prepare, raw, schema, request_id)
     except ClientDisconnect:
