@@ -174,3 +174,13 @@ def test_chat_template():
                 [{"role": "user", "content": 5}]):
         with pytest.raises(VmemInvalidArgument):
             tok.apply_chat_template(bad)
+
+
+def test_last_only_logits_are_the_last_row(tiny):
+    """forward(last_only=True) gives the last token's logits [B, 1, V], what the engine samples from."""
+    prompts = torch.tensor([list(b"abcdefg"), list(b"hijklmn")])
+    seqlens, slots = torch.tensor([0, 0], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32)
+    full = tiny.forward(prompts, DenseCache(tiny.config, 2, 16), slots, seqlens)
+    last = tiny.forward(prompts, DenseCache(tiny.config, 2, 16), slots, seqlens, last_only=True)
+    assert last.shape == (2, 1, tiny.config.vocab_size)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)

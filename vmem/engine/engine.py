@@ -295,7 +295,7 @@ class Engine:
                                 for i in idx], dtype=torch.int64, device=device)
             slots = torch.tensor([seqs[i].slot for i in idx], dtype=torch.int32, device=device)
             seqlens = torch.tensor([seqs[i].num_cached_tokens for i in idx], dtype=torch.int32, device=device)
-            logits = self.model.forward(ids, self.cache, slots, seqlens)     # [B, n, vocab]
+            logits = self.model.forward(ids, self.cache, slots, seqlens, last_only=True)     # [B, 1, vocab]
             for row, i in enumerate(idx):
                 if seqs[i].num_cached_tokens + n == len(seqs[i].token_ids):
                     result[i] = logits[row, -1]

@@ -239,9 +239,11 @@ class Model(nn.Module):
         return self.embed.device
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, cache, slots: torch.Tensor, cache_seqlens: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache, slots: torch.Tensor, cache_seqlens: torch.Tensor, *,
+                last_only: bool = False) -> torch.Tensor:
         """input_ids [B, S] int64 (S new tokens per sequence); slots, cache_seqlens [B] int32 (cache rows and
-        tokens already cached). Returns logits [B, S, vocab] float32.
+        tokens already cached). Returns logits [B, S, vocab] float32, or [B, 1, vocab] of the last token
+        with last_only (what sampling needs: a prefill chunk then skips the lm_head over its other tokens).
 
         Token s of sequence b sits at position cache_seqlens[b] + s. Each layer calls
         ``cache.attention(layer, q, k, v, cache_seqlens, slots)``, which appends k/v; the caller has made
@@ -258,7 +260,7 @@ class Model(nn.Module):
         for i, layer in enumerate(self.layers):
             q, k, v = layer.qkv(x, cos, sin)
             x = layer.finish(x, cache.attention(i, q, k, v, cache_seqlens, slots))
-        return self._logits(x)
+        return self._logits(x[:, -1:] if last_only else x)
 
     @torch.inference_mode()
     def forward_full(self, input_ids: torch.Tensor) -> torch.Tensor:
