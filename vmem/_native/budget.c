@@ -306,10 +306,9 @@ int vmem_budget_open(const char *path, int64_t limit_bytes, vmem_budget_t **out,
         fd = open(path, O_RDWR | O_CLOEXEC);
     }
     if (fd < 0) {
-        int e = errno;
-        _vmem_err_set(err, e == ENOENT ? VMEM_ERR_INVALID : VMEM_ERR_DRIVER,
-                      e == ENOENT ? VMEM_DETAIL_BUDGET_SEGMENT : VMEM_DETAIL_NONE, e, -1);
-        return err ? err->status : VMEM_ERR_DRIVER;
+        int e = errno, st = e == ENOENT ? VMEM_ERR_INVALID : VMEM_ERR_DRIVER;
+        _vmem_err_set(err, st, e == ENOENT ? VMEM_DETAIL_BUDGET_SEGMENT : VMEM_DETAIL_NONE, e, -1);
+        return st;
     }
     if (fstat(fd, &st) != 0 || st.st_size != (off_t)sizeof(seg_t)) {
         close(fd);
