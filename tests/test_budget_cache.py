@@ -148,8 +148,8 @@ def _contended(tmp_path, *, yield_to_waiters: bool, budget_wait_s: float):
         eng.step()
     for s in slots:
         other.free_slot(s)
-    other.maintain(force=True)
-    assert other.stats().budget_held_pages == 128 and other.stats().reclaimable_pages == 128
+    other.maintain(force=True)                                 # (it may yield already, to a demand seen)
+    assert other.stats().reclaimable_pages == other.stats().budget_held_pages > 64
     return bd, other, eng
 
 
