@@ -66,6 +66,37 @@ def test_out_of_budget_changes_nothing_and_others_yield(budget):
     assert budget.info().held_bytes == 0 and budget.info().num_tenants == 0
 
 
+def test_prefix_cached_pages_count_as_reclaimable_and_yield(budget):
+    a, b = _cache(budget, idle_release_s=None), _cache(budget)
+    ids = list(range(4 * TPP + 5))
+    s = a.alloc_slot(token_ids=ids)
+    a.step({s: len(ids)})                                      # 5 columns
+    assert a.cache_prefix(s, ids) == 4 * TPP                   # 4 full columns enter the index
+    a.free_slot(s)
+    a.reclaim_idle()                                            # (frees the slot's pages, not only the index's)
+    s = a.alloc_slot(token_ids=ids)
+    a.step({s: len(ids)})
+    a.cache_prefix(s, ids)
+    a.free_slot(s)
+    held = a.stats().budget_held_pages
+    a.maintain(force=True)
+    assert bd_reclaimable(budget) == held * PAGE                # slot pages and index columns, published
+    t = b.alloc_slot()
+    with pytest.raises(VmemOutOfMemory):
+        b.step({t: 8 * TPP})                                   # records its demand
+    a.maintain(force=True)                                     # gives slot pages, then index columns
+    b.step({t: 8 * TPP})
+    assert a.stats().budget_held_pages == 0
+    a.check_integrity()
+    b.check_integrity()
+    a.close()
+    b.close()
+
+
+def bd_reclaimable(budget) -> int:
+    return budget.info().reclaimable_bytes
+
+
 def test_idle_cache_gives_everything_back_after_the_idle_period(budget):
     a = _cache(budget, idle_release_s=0.2, yield_to_waiters=False)
     s = a.alloc_slot()

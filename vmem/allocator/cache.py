@@ -661,17 +661,22 @@ class VirtualKVCache(SlotCache):
             if waiting > 0:
                 released += self._release_pages(-(-waiting // page_bytes))
         self._pages.trim_unreferenced()
-        self._lease.set_reclaimable(self._cols.reclaimable_pages() * page_bytes)
+        self._lease.set_reclaimable(self._reclaimable() * page_bytes)   # prefix-index columns too
         return released
 
     def _release_pages(self, num_pages: int) -> int:
-        """Unmap and trim about ``num_pages`` reclaimable pages (whole columns, policy order)."""
+        """Unmap and trim about ``num_pages`` reclaimable pages: slots' columns first (whole columns,
+        policy order), then unlocked prefix-index columns (least recently used leaf first)."""
+        free = self._table.num_free
         protected = self._cols.protected()
-        if not self._cols.reclaimable_pages(protected):
-            return 0
-        reclaim = self._shrink(self._cols.plan_reclaim(num_pages, protected), trim=True)
-        self._counters["reclaimed_pages"] += reclaim.num_pages
-        return reclaim.num_pages
+        protected[~self._live] = 0             # idle slots' cached columns too: the index keeps its reference
+        if self._cols.reclaimable_pages(protected):
+            reclaim = self._shrink(self._cols.plan_reclaim(num_pages, protected), trim=True)
+            self._counters["reclaimed_pages"] += reclaim.num_pages
+        short = num_pages - (self._table.num_free - free)
+        if short > 0 and self._index.num_evictable:
+            self._pages.trim(self._evict(self._index.plan_eviction(-(-short // self.spec.rows_per_slot))))
+        return self._table.num_free - free
 
     def budget_short(self, needs: Mapping[int, int]) -> bool:
         """True when step(needs) fails only because the shared budget is short (the pool could hold it):
