@@ -30,7 +30,8 @@ SANITIZE_TESTS ?= tests/test_native_host.py tests/test_native_properties.py test
 	tests/test_native_worker.py tests/test_native_fork.py tests/test_native_error_tables.py \
 	tests/test_native_cuda_stub.py tests/test_backend_smoke.py tests/test_typed_errors.py \
 	tests/test_allocator_page_table.py tests/test_cache.py tests/test_cache_state_machine.py \
-	tests/test_baselines.py tests/test_spec.py
+	tests/test_baselines.py tests/test_spec.py tests/test_budget.py tests/test_budget_cache.py
+# not tests/test_budget*.py: TSan does not model the process-shared robust mutex of the budget segment
 TSAN_TESTS ?= tests/test_native_threads.py tests/test_native_worker.py
 SELECT := -m "not gpu and not integration and not slow"
 
