@@ -12,6 +12,7 @@ import torch
 
 from vmem.attention import cpu_decode, flash_attn_with_kvcache, naive_attention
 from vmem._native import ffi, lib
+from vmem.errors import VmemInvalidArgument
 
 D = 64
 HKV = 2
@@ -117,6 +118,67 @@ def test_threads(path):
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["auto", "portable"])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_context_equals_unsplit(dtype, layout, path):
+    """Keys cut into chunks (partials merged) give the unsplit result, on 1, 2 and 3 threads: chunk lengths
+    off the 64-key block (100), on it (64), a chunk longer than some requests (256); NaN past each length
+    catches a chunk reading beyond its end."""
+    k_nhd, v_nhd, keys, values = poisoned_cache(layout, dtype, max_seq=160, num_kv_heads=2)
+    q = torch.randn(len(ROWS), 1, 8, D, generator=torch.Generator().manual_seed(4)).to(dtype)
+    whole = torch.empty_like(q)
+    assert cpu_decode.decode_attention(q, k_nhd, v_nhd, LENGTHS, ROWS, 0.3, whole, num_threads=1, path=path)
+    torch.testing.assert_close(whole.float(), expected(q, keys, values, 0.3).float(), **tol(dtype))
+    for split in (64, 100, 256):
+        for threads in (1, 2, 3):
+            out = torch.empty_like(q)
+            assert cpu_decode.decode_attention(q, k_nhd, v_nhd, LENGTHS, ROWS, 0.3, out, num_threads=threads,
+                                               path=path, split_keys=split)
+            atol = 1e-6 if dtype == torch.float32 else 8e-3       # bf16: rounding of the output once more
+            torch.testing.assert_close(out.float(), whole.float(), atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("layout,heads_per_item", [("NHD", 2), ("HND", 1)])
+@pytest.mark.parametrize("batch", [1, 2, 32])
+def test_work_split_gives_threads_equal_work_at_few_heads(layout, heads_per_item, batch):
+    """8/2/64 heads at 4K context: 1 thread takes the whole call; 2 and 3 threads get work items of about
+    equal size (context chunks where batch x KV heads is too few), at least 3 per thread, so the busiest
+    thread has at most a quarter more than its share. NHD items take both KV heads (whole
+    token rows), HND one (one sequential stream each)."""
+    shape = (batch, 4096, 2, 64) if layout == "NHD" else (batch, 2, 4096, 64)
+    k = torch.zeros(shape, dtype=torch.bfloat16)
+    k_nhd = k if layout == "NHD" else k.transpose(1, 2)
+    q = torch.zeros(batch, 1, 8, 64, dtype=torch.bfloat16)
+    ends, rows = [4096] * batch, list(range(batch))
+    one = cpu_decode.decode_plan(q, k_nhd, k_nhd, ends, rows, num_threads=1)
+    assert one["num_threads"] == 1 and one["chunk_keys"] == 0 and one["heads_per_item"] == heads_per_item
+    for threads in (2, 3):
+        plan = cpu_decode.decode_plan(q, k_nhd, k_nhd, ends, rows, num_threads=threads)
+        assert plan["num_threads"] == threads and plan["heads_per_item"] == heads_per_item
+        assert plan["total_work"] == batch * 2 * 4096
+        busiest = -(-plan["num_items"] // threads) * plan["max_item_work"]     # items taken in turn
+        assert plan["num_items"] >= 3 * threads and busiest <= 1.25 * plan["total_work"] / threads
+        assert (plan["chunk_keys"] > 0) == (batch * 2 // heads_per_item < 4 * threads)
+    with pytest.raises(VmemInvalidArgument):
+        cpu_decode.decode_plan(q, k_nhd, k_nhd, ends, rows, num_threads=2, split_keys=-1)
+
+
+def test_split_work_on_threads_equals_one_thread():
+    """A real 2- and 3-thread call that the kernel cuts by context (1 request, 2 KV heads, 6000 keys)."""
+    g = torch.Generator().manual_seed(5)
+    k, v = (torch.randn(1, 2, 6000, 64, generator=g).transpose(1, 2) for _ in range(2))
+    q = torch.randn(1, 1, 8, 64, generator=g)
+    one = torch.empty_like(q)
+    assert cpu_decode.decode_attention(q, k, v, [6000], [0], 0.125, one, num_threads=1)
+    torch.testing.assert_close(one, naive_attention(q, k, v, causal=False, softmax_scale=0.125), atol=1e-5, rtol=1e-5)
+    for threads in (2, 3):
+        assert cpu_decode.decode_plan(q, k, v, [6000], [0], num_threads=threads)["chunk_keys"] > 0
+        out = torch.empty_like(q)
+        assert cpu_decode.decode_attention(q, k, v, [6000], [0], 0.125, out, num_threads=threads)
+        torch.testing.assert_close(out, one, atol=1e-6, rtol=1e-6)
+
+
 def test_large_scores_stay_finite():
     """Scores of several hundred: the online softmax rescales instead of overflowing."""
     k = torch.randn(1, 300, 1, 32) * 30
@@ -196,9 +258,10 @@ def test_build_py_feeds_vmem_attn_h_to_cffi():
     funcs = re.findall(r"^int (vmem_attn_\w+)\(", header, re.M)
     consts = dict(re.findall(r"^#define (VMEM_ATTN_\w+) (\d+)$", header, re.M))
     assert "vmem_attn.h" in build.HEADERS and "attn_cpu_x86.c" in build.SOURCES
-    assert set(funcs) == {"vmem_attn_decode", "vmem_attn_decode_path"} and len(consts) == 8
+    assert set(funcs) == {"vmem_attn_decode", "vmem_attn_decode_plan", "vmem_attn_decode_path"} and len(consts) == 8
     for name in funcs:
         assert name + "(" in cdef and callable(getattr(lib, name))
     for name, value in consts.items():
         assert "#define %s ..." % name in cdef and getattr(lib, name) == int(value)
     assert "} vmem_attn_decode_t;" in cdef and ffi.sizeof("vmem_attn_decode_t") > 0
+    assert "} vmem_attn_plan_t;" in cdef and ffi.sizeof("vmem_attn_plan_t") > 0

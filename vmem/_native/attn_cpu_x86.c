@@ -218,37 +218,48 @@ static inline attn_prefetch_t block_prefetch(const attn_item_t *it, int h, int64
     };
 }
 
+/* Keys a block is walked in, all heads of the item at a time: NHD items hold several heads per token row,
+ * and walking one head over the whole block touched 64 rows (32 pages of 4 KiB at 8 x 128 bf16 heads)
+ * per head, thrashing the L1 TLB; KEY_STEP rows keep a handful of pages hot while every head reads them. */
+static inline int key_step(const attn_item_t *it) { return it->num_heads > 1 ? ATTN_KEY_STEP : ATTN_BLOCK_KEYS; }
+
 /* Scores of the block of keys [t0, t0 + n) for every query row of the item; prefetches ahead. */
 AVX512_INLINE void x_block_scores(const attn_item_t *it, attn_scratch_t *s, int64_t t0, const int dtype) {
-    const int d = it->d, hr = it->head_rows;
+    const int d = it->d, hr = it->head_rows, step = key_step(it);
     const int n = block_keys(it->num_keys, t0);
-    for (int h = 0; h < it->num_heads; h++) {
-        const char *k = it->k + h * it->k_head + t0 * it->k_step;
-        attn_prefetch_t pf = block_prefetch(it, h, t0);
-        for (int r = 0; r < hr; r += 4) {
-            const float *q = s->q + (h * hr + r) * d;
-            float *sc = s->s + (h * hr + r) * ATTN_BLOCK_KEYS;
-            if (r)
-                pf.num_k = pf.num_v = 0;        /* asked for by the first register block */
-#define X_SCORES(R) x_scores(q, k, it->k_step, n, d, sc, &pf, R, dtype)
-            X_ROWS(X_SCORES(4), X_SCORES(3), X_SCORES(2), X_SCORES(1), hr - r);
+    for (int j0 = 0; j0 < n; j0 += step) {
+        const int m = n - j0 < step ? n - j0 : step;
+        for (int h = 0; h < it->num_heads; h++) {
+            const char *k = it->k + h * it->k_head + (t0 + j0) * it->k_step;
+            attn_prefetch_t pf = block_prefetch(it, h, t0 + j0);
+            for (int r = 0; r < hr; r += 4) {
+                const float *q = s->q + (h * hr + r) * d;
+                float *sc = s->s + (h * hr + r) * ATTN_BLOCK_KEYS + j0;
+                if (r)
+                    pf.num_k = pf.num_v = 0;        /* asked for by the first register block */
+#define X_SCORES(R) x_scores(q, k, it->k_step, m, d, sc, &pf, R, dtype)
+                X_ROWS(X_SCORES(4), X_SCORES(3), X_SCORES(2), X_SCORES(1), hr - r);
 #undef X_SCORES
+            }
         }
     }
 }
 
 /* Softmax of the block's scores, then its V rows into the accumulators. */
 AVX512_INLINE void x_block_values(const attn_item_t *it, attn_scratch_t *s, int64_t t0, const int dtype) {
-    const int d = it->d, hr = it->head_rows, n = block_keys(it->num_keys, t0);
+    const int d = it->d, hr = it->head_rows, n = block_keys(it->num_keys, t0), step = key_step(it);
     x_softmax(s, it->num_heads * hr, n, d);
-    for (int h = 0; h < it->num_heads; h++) {
-        const char *v = it->v + h * it->v_head + t0 * it->v_step;
-        for (int r = 0; r < hr; r += 4) {
-            float *acc = s->acc + (h * hr + r) * d;
-            const float *p = s->s + (h * hr + r) * ATTN_BLOCK_KEYS;
-#define X_ACCUM(R) x_accum(acc, p, v, it->v_step, n, d, R, dtype)
-            X_ROWS(X_ACCUM(4), X_ACCUM(3), X_ACCUM(2), X_ACCUM(1), hr - r);
+    for (int j0 = 0; j0 < n; j0 += step) {
+        const int m = n - j0 < step ? n - j0 : step;
+        for (int h = 0; h < it->num_heads; h++) {
+            const char *v = it->v + h * it->v_head + (t0 + j0) * it->v_step;
+            for (int r = 0; r < hr; r += 4) {
+                float *acc = s->acc + (h * hr + r) * d;
+                const float *p = s->s + (h * hr + r) * ATTN_BLOCK_KEYS + j0;
+#define X_ACCUM(R) x_accum(acc, p, v, it->v_step, m, d, R, dtype)
+                X_ROWS(X_ACCUM(4), X_ACCUM(3), X_ACCUM(2), X_ACCUM(1), hr - r);
 #undef X_ACCUM
+            }
         }
     }
 }
@@ -316,19 +327,22 @@ AVX512BF16_INLINE void x_scores_dot(const uint16_t *q, const char *k, int64_t k_
 }
 
 AVX512BF16_INLINE void x_block_scores_dot(const attn_item_t *it, attn_scratch_t *s, int64_t t0) {
-    const int d = it->d, hr = it->head_rows;
+    const int d = it->d, hr = it->head_rows, step = key_step(it);
     const int n = block_keys(it->num_keys, t0);
-    for (int h = 0; h < it->num_heads; h++) {
-        const char *k = it->k + h * it->k_head + t0 * it->k_step;
-        attn_prefetch_t pf = block_prefetch(it, h, t0);
-        for (int r = 0; r < hr; r += 4) {
-            const uint16_t *q = s->qb + (h * hr + r) * d;
-            float *sc = s->s + (h * hr + r) * ATTN_BLOCK_KEYS;
-            if (r)
-                pf.num_k = pf.num_v = 0;
-#define X_SCORES(R) x_scores_dot(q, k, it->k_step, n, d, sc, it->qmul, &pf, R)
-            X_ROWS(X_SCORES(4), X_SCORES(3), X_SCORES(2), X_SCORES(1), hr - r);
+    for (int j0 = 0; j0 < n; j0 += step) {
+        const int m = n - j0 < step ? n - j0 : step;
+        for (int h = 0; h < it->num_heads; h++) {
+            const char *k = it->k + h * it->k_head + (t0 + j0) * it->k_step;
+            attn_prefetch_t pf = block_prefetch(it, h, t0 + j0);
+            for (int r = 0; r < hr; r += 4) {
+                const uint16_t *q = s->qb + (h * hr + r) * d;
+                float *sc = s->s + (h * hr + r) * ATTN_BLOCK_KEYS + j0;
+                if (r)
+                    pf.num_k = pf.num_v = 0;
+#define X_SCORES(R) x_scores_dot(q, k, it->k_step, m, d, sc, it->qmul, &pf, R)
+                X_ROWS(X_SCORES(4), X_SCORES(3), X_SCORES(2), X_SCORES(1), hr - r);
 #undef X_SCORES
+            }
         }
     }
 }

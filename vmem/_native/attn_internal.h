@@ -9,11 +9,12 @@
 #include "vmem_attn.h"
 
 #define ATTN_BLOCK_KEYS 64      /* keys per softmax block */
+#define ATTN_KEY_STEP 16        /* keys of a block walked at a time by every head of a multi-head item */
 #define ATTN_PREFETCH_K 128     /* K rows are prefetched this many keys ahead (the block after next) */
 #define ATTN_PREFETCH_V 64      /* V rows: the next block (K and V streams apart: see Limitations) */
 #define ATTN_MAX_ROWS 64        /* query rows per work item (several KV heads when the group is small) */
 #define ATTN_MAX_DIM 256
-#define ATTN_KEYS_PER_THREAD 16384  /* (key, KV head) pairs of work that justify one more thread */
+#define ATTN_BYTES_PER_THREAD (1 << 19)  /* K+V bytes read that justify one more thread (~50 us of reading) */
 #define ATTN_MAX_THREADS 64
 #define LOG2E 1.44269504088896340736f
 

@@ -32,9 +32,21 @@ typedef struct {
     int32_t num_threads;    /* upper bound on threads used, >= 1 */
     int32_t flags;          /* VMEM_ATTN_PORTABLE: no AVX-512; VMEM_ATTN_NO_BF16_DOT: no vdpbf16ps */
     float scale;            /* softmax scale */
+    int64_t split_keys;     /* 0: the kernel chooses; > 0: cut every request's keys into chunks of this many */
 } vmem_attn_decode_t;
 
+/* How vmem_attn_decode divides one call's work (Note [CPU decode attention], "work split"). */
+typedef struct {
+    int32_t num_threads;    /* threads it starts, the caller's included */
+    int32_t heads_per_item; /* KV heads per work item */
+    int64_t chunk_keys;     /* keys per context chunk; 0: requests are not cut */
+    int64_t num_items;      /* work items */
+    int64_t max_item_work;  /* (key, KV head) pairs of the largest item */
+    int64_t total_work;     /* (key, KV head) pairs of all items */
+} vmem_attn_plan_t;
+
 int vmem_attn_decode(const vmem_attn_decode_t *args);
+int vmem_attn_decode_plan(const vmem_attn_decode_t *args, vmem_attn_plan_t *plan);
 int vmem_attn_decode_path(int32_t head_dim, int32_t flags);
 
 #endif

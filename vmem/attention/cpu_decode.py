@@ -65,20 +65,8 @@ def usable(q: torch.Tensor, k_nhd: torch.Tensor) -> bool:
             and q.dtype in (torch.float32, torch.float16, torch.bfloat16) and fast(q.shape[3]))
 
 
-def decode_attention(q: torch.Tensor, k_nhd: torch.Tensor, v_nhd: torch.Tensor, ends, rows, scale: float,
-                     out: torch.Tensor, num_threads: int | None = None, path: str = "auto") -> bool:
-    """out[b, 0] = attention of q[b, 0] over k_nhd / v_nhd[rows[b], :ends[b]]; False if the kernel declined.
-
-    q, out:       [batch, 1, num_heads, head_dim], CPU, float32 / float16 / bfloat16; out contiguous
-    k_nhd, v_nhd: [batch_cache, seqlen_cache, num_kv_heads, head_dim] views (any strides, last dim
-                  contiguous), q's dtype
-    ends, rows:   [batch] ints: keys to read, cache row, per request (validated by the caller)
-    num_threads:  default torch.get_num_threads();  path: one of PATHS, to force a slower path (tests)
-    """
-    try:
-        ffi, lib = _native()
-    except ImportError:                      # the native layer is not built: SDPA does the work
-        return False
+def _args(ffi, lib, q, k_nhd, v_nhd, ends, rows, scale, out, num_threads, path, split_keys):
+    """The vmem_attn_decode_t of a call, and the tensors its pointers keep alive."""
     batch, _, num_heads, head_dim = q.shape
     q3 = q.reshape(batch, num_heads, head_dim).contiguous()
     ends_t = torch.as_tensor(ends, dtype=torch.int64).contiguous()
@@ -96,4 +84,40 @@ def decode_attention(q: torch.Tensor, k_nhd: torch.Tensor, v_nhd: torch.Tensor, 
     a.num_threads = max(1, torch.get_num_threads() if num_threads is None else num_threads)
     a.flags = _flags(lib, path)
     a.scale = scale
+    a.split_keys = split_keys
+    return a, (q3, ends_t, rows_t)
+
+
+def decode_attention(q: torch.Tensor, k_nhd: torch.Tensor, v_nhd: torch.Tensor, ends, rows, scale: float,
+                     out: torch.Tensor, num_threads: int | None = None, path: str = "auto",
+                     split_keys: int = 0) -> bool:
+    """out[b, 0] = attention of q[b, 0] over k_nhd / v_nhd[rows[b], :ends[b]]; False if the kernel declined.
+
+    q, out:       [batch, 1, num_heads, head_dim], CPU, float32 / float16 / bfloat16; out contiguous
+    k_nhd, v_nhd: [batch_cache, seqlen_cache, num_kv_heads, head_dim] views (any strides, last dim
+                  contiguous), q's dtype
+    ends, rows:   [batch] ints: keys to read, cache row, per request (validated by the caller)
+    num_threads:  default torch.get_num_threads();  path: one of PATHS, to force a slower path (tests)
+    split_keys:   0: the kernel splits the work; > 0: every request's keys cut into chunks this long (tests)
+    """
+    try:
+        ffi, lib = _native()
+    except ImportError:                      # the native layer is not built: SDPA does the work
+        return False
+    a, _keep = _args(ffi, lib, q, k_nhd, v_nhd, ends, rows, scale, out, num_threads, path, split_keys)
     return lib.vmem_attn_decode(a) == lib.VMEM_OK
+
+
+def decode_plan(q: torch.Tensor, k_nhd: torch.Tensor, v_nhd: torch.Tensor, ends, rows,
+                num_threads: int | None = None, split_keys: int = 0) -> dict:
+    """How decode_attention would divide this call (arguments as there; nothing is read but shapes,
+    strides and ends): num_threads, heads_per_item, chunk_keys (0: no context split), num_items,
+    max_item_work and total_work in (key, KV head) pairs. Raises VmemInvalidArgument for bad arguments."""
+    from vmem.errors import VmemInvalidArgument
+    ffi, lib = _native()
+    a, _keep = _args(ffi, lib, q, k_nhd, v_nhd, ends, rows, 1.0, q, num_threads, "auto", split_keys)
+    p = ffi.new("vmem_attn_plan_t *")
+    if lib.vmem_attn_decode_plan(a, p) != lib.VMEM_OK:
+        raise VmemInvalidArgument("decode_plan: arguments the kernel refuses", op="vmem_attn_decode_plan")
+    return {name: int(getattr(p, name)) for name in ("num_threads", "heads_per_item", "chunk_keys", "num_items",
+                                                      "max_item_work", "total_work")}
