@@ -22,7 +22,7 @@ PAGE = 16          # SGLang page: 16 tokens x 2 heads x 64 x fp16 = 4 KiB = one 
 def slots():
     cache, row_tokens = make_cache(num_rows=4, max_context_len=100, page_size=PAGE, num_tokens=96, head_num=2,
                                    head_dim=64, layer_num=2, dtype=torch.float16, backend=get_backend("host"))
-    yield TokenSlots(cache, row_tokens)
+    yield TokenSlots(cache, row_tokens, PAGE)
     cache.close()
 
 
@@ -108,6 +108,113 @@ def test_integrity_check_sees_a_lost_row(slots):
         slots.check_integrity()
 
 
+# ---- the radix (prefix) cache: slots the tree holds after their request -------------------------------
+
+def _fill(slots, ids):
+    """K of layer 0 at each id: the id itself (mod 2048)."""
+    k = slots.cache.kv(0)[0].view(-1, 2, 64)
+    k[torch.from_numpy(ids)] = torch.from_numpy(ids % 2048).to(torch.float16).view(-1, 1, 1)
+
+
+def _intact(slots, ids):
+    k = slots.cache.kv(0)[0].view(-1, 2, 64)
+    return torch.equal(k[torch.from_numpy(ids), 0, 0], torch.from_numpy(ids % 2048).to(torch.float16))
+
+
+@pytest.fixture
+def roomy():
+    cache, row_tokens = make_cache(num_rows=4, max_context_len=100, page_size=PAGE, num_tokens=192, head_num=2,
+                                   head_dim=64, layer_num=2, dtype=torch.float16, backend=get_backend("host"))
+    yield TokenSlots(cache, row_tokens, PAGE)
+    cache.close()
+
+
+def test_tree_held_tokens_stay_mapped_and_a_prefix_hit_continues_in_their_slot(roomy):
+    """What SGLang's radix cache does to a row: request 1 finishes with [0, 32) kept by the tree (its tail
+    page freed), request 2 hits that prefix and continues in the same slot (no pages mapped twice), request
+    3 hits it while 2 writes there and gets a fresh slot (its [0, 32) mapped, unused); eviction frees
+    pages, then the slot."""
+    slots = roomy
+    slots.track_rows = True                                        # as attach_req_to_token_pool sets it
+    rt, rows_per = slots.row_tokens, slots.cache.spec.rows_per_slot
+    a_ids = slots.extend([1], [0], [40])
+    a = slots.slot_of_row(1)
+    _fill(slots, a_ids)
+    slots.free(a_ids[32:])                                         # the unaligned tail page
+    slots.rows_released([1])                                       # ReqToTokenPool.free_rows
+    assert slots.slot_of_row(1) is None and a in slots.cache.live_slots and slots.held_pages(a) == 2
+    assert slots.cache.length(a) == 32 and slots.cache.stats().reclaimable_pages == rows_per
+    assert _intact(slots, a_ids[:32])
+    slots.check_integrity()
+    mapped = slots.cache.stats().pages_mapped
+    b_ids = slots.extend([2], [32], [50], last_locs=[a * rt + 31])
+    assert slots.slot_of_row(2) == a and b_ids.tolist() == list(range(a * rt + 32, a * rt + 50))
+    assert slots.cache.stats().pages_mapped == mapped + rows_per   # page 2 was still mapped; page 3 is new
+    c_ids = slots.extend([3], [32], [45], last_locs=[a * rt + 31])
+    c = slots.slot_of_row(3)
+    assert c not in (0, a) and c_ids.tolist() == list(range(c * rt + 32, c * rt + 45))
+    _fill(slots, b_ids), _fill(slots, c_ids)
+    assert slots.decode([int(b_ids[-1])], [51], rows=[2]).tolist() == [a * rt + 50]
+    slots.check_integrity()
+    # request 2 finishes: the tree keeps [32, 48) of its slot, frees the rest; request 3 still reads [0, 32)
+    slots.free(np.arange(a * rt + 48, a * rt + 51))
+    slots.rows_released([2])
+    assert slots.held_pages(a) == 3 and slots.cache.length(a) == 48
+    slots.free(np.arange(a * rt + 32, a * rt + 48))                # the tree evicts request 2's leaf
+    assert slots.held_pages(a) == 2 and slots.cache.length(a) == 32
+    assert _intact(slots, a_ids[:32]) and _intact(slots, c_ids)
+    slots.check_integrity()
+    slots.free(c_ids), slots.rows_released([3])                    # request 3 done (its slot: nothing held)
+    assert c not in slots.cache.live_slots
+    before = slots.available_tokens()
+    slots.free(a_ids[:32])                                         # the tree evicts the prefix
+    assert a not in slots.cache.live_slots and slots.available_tokens() == before + 32   # reclaimable now
+    assert slots.cache.stats().used_pages == rows_per              # only the padding page is in use
+    slots.check_integrity()
+
+
+def test_a_prefix_hit_where_nothing_is_cached_after_it_does_not_take_a_written_slot(slots):
+    slots.track_rows = True
+    rt = slots.row_tokens
+    ids = slots.extend([1], [0], [64])                             # request 1 still running in its slot
+    a = slots.slot_of_row(1)
+    b = slots.extend([2], [16], [20], last_locs=[a * rt + 15])     # a prefix of it, but a writes there
+    assert slots.slot_of_row(2) != a and int(b[0]) % rt == 16
+    slots.free(ids[16:]), slots.rows_released([1])
+    # the tree holds [0, 16) of a; a prefix that ends mid-slot while pages after it are held: no continuation
+    slots.extend([1], [0], [8])                                    # row 1 reused by a new request
+    assert slots.slot_of_row(1) not in (a, slots.slot_of_row(2))
+    slots.check_integrity()
+
+
+def test_free_of_tokens_not_allocated_is_refused_and_changes_nothing(slots):
+    slots.track_rows = True
+    ids = slots.extend([1], [0], [20])
+    slots.free(ids[16:])
+    with pytest.raises(VmemInvalidArgument):
+        slots.free(ids[10:20])                                     # page 1 was freed already
+    assert slots.held_pages(slots.slot_of_row(1)) == 1
+    slots.check_integrity()
+
+
+def test_every_slot_held_by_the_tree_reports_nothing_available():
+    """With all slots taken and some held only by the tree, available_size is 0 so that SGLang evicts."""
+    cache, rt = make_cache(num_rows=2, max_context_len=32, page_size=PAGE, num_tokens=96, head_num=2,
+                           head_dim=64, layer_num=1, dtype=torch.float16, backend=get_backend("host"),
+                           extra_slots=0)
+    try:
+        slots = TokenSlots(cache, rt, PAGE)
+        slots.track_rows = True
+        kept = [slots.extend([r], [0], [16]) for r in (1, 2)]
+        slots.rows_released([1, 2])                                # both finished, the tree keeps them
+        assert slots.available_tokens() == 0
+        slots.free(kept[0])                                        # evicted: a slot is free again
+        assert slots.available_tokens() > 0
+        slots.check_integrity()
+    finally:
+        cache.close()
+
+
 # ---- state machine: requests through TokenSlots as SGLang's scheduler drives the allocator -----------
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule  # noqa: E402
@@ -124,7 +231,7 @@ class RowsAndTokens(RuleBasedStateMachine):
         self.cache, rt = make_cache(num_rows=self.ROWS, max_context_len=64, page_size=PAGE, num_tokens=80,
                                     head_num=2, head_dim=64, layer_num=1, dtype=torch.float16,
                                     backend=get_backend("host"))
-        self.slots = TokenSlots(self.cache, rt)
+        self.slots = TokenSlots(self.cache, rt, PAGE)
         self.k = self.cache.kv(0)[0].view(-1, 2, 64)
         self.lens = {}                                   # row -> tokens
 

@@ -4,8 +4,10 @@ Run by integrations/test_env.sh (``make test-integrations``) in its own venv. Ex
 ``sglang.srt.plugins`` entry point and HookRegistry, ``ReqToTokenPool``, ``MHATokenToKVPool`` (our
 subclass: its ``set_kv_buffer`` / ``get_key_buffer`` run unchanged), the allocator interface as
 SGLang's ``alloc_paged_token_slots_extend`` / ``alloc_paged_token_slots_decode`` / ``write_cache_indices``
-call it, ``ReqToTokenPool.write`` as ``write_cache_indices`` does, ``RadixCache(disable=True)`` as the tree cache, and the stock ``PagedTokenToKVPoolAllocator`` as
-the baseline the ids are compared with. Stood in for: SGLang's Scheduler loop (requests are admitted,
+call it, ``ReqToTokenPool.write`` as ``write_cache_indices`` does, ``RadixCache`` as the tree cache, off
+(``disable=True``) and on (its own match_prefix / insert / evict / lock refs, as release_kv_cache's
+checkpoint drives them), and the stock ``PagedTokenToKVPoolAllocator`` as the baseline the ids are
+compared with. Stood in for: SGLang's Scheduler loop (requests are admitted,
 grown, finished and retracted by calling what it calls, in its order).
 """
 
@@ -110,6 +112,8 @@ def test_hooks_are_installed_by_the_entry_point():
 
     hooks = {target: [h for _, h, _ in entries] for target, entries in HookRegistry._hooks.items()}
     assert vmem_sglang.around_alloc_extend in hooks["sglang.srt.mem_cache.allocation.alloc_paged_token_slots_extend"]
+    assert vmem_sglang.around_alloc_decode in hooks["sglang.srt.mem_cache.allocation.alloc_paged_token_slots_decode"]
+    assert vmem_sglang.around_free_rows in hooks["sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows"]
     configurator = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator."
     for method in ("_build_token_to_kv_pool", "_build_mha_kv_pool", "_build_token_to_kv_pool_allocator"):
         assert hooks[configurator + method], method
@@ -120,7 +124,7 @@ def test_hooks_are_installed_by_the_entry_point():
 def test_pool_buffers_are_virtual_tensors_and_only_the_padding_page_is_mapped():
     h = Harness()
     assert isinstance(h.kv, MHATokenToKVPool)
-    assert h.kv.k_buffer[0].shape == ((ROWS + 1) * h.kv.row_tokens, HEADS, HEAD_DIM)
+    assert h.kv.k_buffer[0].shape == ((2 * ROWS + 1) * h.kv.row_tokens, HEADS, HEAD_DIM)   # + tree rows
     assert h.kv.row_tokens % PAGE == 0 and h.kv.row_tokens >= CTX
     res = h.kv.vmem_cache.reservation
     assert h.kv.k_buffer[0].data_ptr() >= res.address
@@ -207,3 +211,146 @@ def test_refuses_what_it_cannot_do():
                              backend="host")                                 # 4-token page = 1 KiB < a vmem page
     with pytest.raises(VmemInvalidArgument):
         h.alloc.free(torch.tensor([3 * h.kv.row_tokens]))                   # a slot nobody holds
+
+
+# ---- the radix cache on: SGLang's real RadixCache shares token ids between requests --------------------
+from array import array  # noqa: E402
+
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams  # noqa: E402
+from sglang.srt.mem_cache.radix_cache import RadixKey  # noqa: E402
+
+
+class RadixHarness(Harness):
+    """Harness with RadixCache(disable=False): a request matches its prompt's cached prefix, reads those
+    ids from whichever row computed them, and at finish the tree keeps its page-aligned tokens (what
+    release_kv_cache's checkpoint does: insert, free the duplicates, free the unaligned tail, free the row).
+    K/V of a token = f(token, position), so a shared prefix reads the same values whoever computed it."""
+
+    def __init__(self, tokens=TOKENS):
+        super().__init__(tokens)
+        self.tree = RadixCache(CacheInitParams(disable=False, req_to_token_pool=self.rtp,
+                                               token_to_kv_pool_allocator=self.alloc, page_size=PAGE))
+        self.alloc.attach_req_to_token_pool(self.rtp)
+        self.ids, self.node, self.protected = {}, {}, {}
+
+    @staticmethod
+    def value(tokens, start=0):
+        return ((torch.as_tensor(tokens, dtype=torch.int64) * 7 + torch.arange(start, start + len(tokens))) % 2048)
+
+    def admit(self, tokens):
+        row, = self.rtp.alloc_rows(1)
+        m = self.tree.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens[:-1]))))
+        prefix = self.tree.path_device_indices(m.last_device_node)
+        self.tree.inc_lock_ref(m.last_device_node)
+        self.node[row], self.protected[row], self.ids[row] = m.last_device_node, len(prefix), list(tokens)
+        if len(prefix):
+            self.rtp.write((row, slice(0, len(prefix))), prefix.to(torch.int32))
+        self.lens[row] = len(prefix)
+        self.extend([row], [len(tokens) - len(prefix)])
+        return row, len(prefix)
+
+    def write_row(self, row, first, locs):
+        vals = self.value(self.ids[row][first:first + len(locs)], first).to(torch.float16).view(-1, 1, 1)
+        for layer in range(LAYERS):
+            self.kv.set_kv_buffer(types.SimpleNamespace(layer_id=layer), locs, vals.expand(-1, HEADS, HEAD_DIM) + layer,
+                                  -vals.expand(-1, HEADS, HEAD_DIM) - layer)
+
+    def extend(self, rows, new_tokens):
+        firsts = [self.lens.get(r, 0) for r in rows]
+        self.write = lambda out: None                   # values depend on the row: written below
+        out = super().extend(rows, new_tokens)
+        pt = 0
+        for r, f, n in zip(rows, firsts, new_tokens):
+            self.write_row(r, f, out[pt:pt + n])
+            pt += n
+        return out
+
+    def decode_tokens(self, rows, tokens):
+        for r, t in zip(rows, tokens):
+            self.ids[r].append(t)
+        seq = [self.lens[r] + 1 for r in rows]
+        last = [int(self.rtp.req_to_token[r, self.lens[r] - 1]) for r in rows]
+        t = lambda x: torch.tensor(x, dtype=torch.int64)  # noqa: E731
+        out = allocation.alloc_paged_token_slots_decode(tree_cache=self.tree, seq_lens=t(seq), seq_lens_cpu=t(seq),
+                                                        last_loc=t(last), req_pool_indices=t(rows))
+        for r, loc in zip(rows, out.tolist()):
+            self.rtp.req_to_token[r, self.lens[r]] = loc
+            self.write_row(r, self.lens[r], torch.tensor([loc]))
+            self.lens[r] += 1
+        return out
+
+    def check_kv(self, row):
+        locs = self.rtp.req_to_token[row, :self.lens[row]].long()
+        want = self.value(self.ids[row][:self.lens[row]]).to(torch.float16).view(-1, 1, 1)
+        for layer in range(LAYERS):
+            k, v = self.kv.get_key_buffer(layer)[locs], self.kv.get_value_buffer(layer)[locs]
+            assert torch.equal(k, (want + layer).expand_as(k)) and torch.equal(v, (-want - layer).expand_as(v))
+
+    def finish(self, row):
+        n = self.lens.pop(row)
+        aligned = n // PAGE * PAGE
+        kv = self.rtp.req_to_token[row, :n].long().clone()
+        res = self.tree.insert(InsertParams(key=RadixKey(array("q", self.ids[row][:aligned])), value=kv[:aligned]))
+        p = self.protected.pop(row)
+        if res.prefix_len > p:                          # tokens another request put in the tree first
+            self.alloc.free_segment(kv[p:res.prefix_len], start_pos=p)
+        if n > aligned:
+            self.alloc.free_segment(kv[aligned:], start_pos=aligned)
+        self.tree.dec_lock_ref(self.node.pop(row))
+        self.rtp.free_rows([row])                       # the plugin's hook tells the allocator
+
+
+PROMPT = list(range(100, 140))                          # 40 tokens: 2 whole pages + 8
+
+
+def test_radix_cache_keeps_finished_tokens_mapped_and_a_hit_continues_in_their_slot():
+    h = RadixHarness()
+    rt = h.kv.row_tokens
+    a, p = h.admit(PROMPT)
+    assert p == 0
+    sa = h.alloc.slots.slot_of_row(a)
+    for t in (1, 2, 3):
+        h.decode_tokens([a], [t])
+    h.check_kv(a)
+    h.finish(a)                                         # the tree keeps [0, 32) of slot sa
+    assert h.alloc.slots.slot_of_row(a) is None and sa in h.kv.vmem_cache.live_slots
+    assert h.alloc.slots.held_pages(sa) == 2 and h.kv.vmem_cache.length(sa) == 32
+    assert h.tree.evictable_size() == 32
+    h.alloc.check_integrity()
+    # the same prompt again: the tree hands out slot sa's ids for [0, 32); the request continues there
+    b, p = h.admit(PROMPT + list(range(10)))
+    assert p == 32 and h.alloc.slots.slot_of_row(b) == sa
+    assert h.rtp.req_to_token[b, :h.lens[b]].long().tolist() == list(range(sa * rt, sa * rt + 50))
+    # a third one while b writes slot sa: a fresh slot for its own tokens, the prefix read from sa
+    c, p = h.admit(PROMPT[:32] + [9, 9, 9])
+    sc = h.alloc.slots.slot_of_row(c)
+    assert p == 32 and sc not in (0, sa)
+    assert h.rtp.req_to_token[c, 31] == sa * rt + 31 and h.rtp.req_to_token[c, 32] == sc * rt + 32
+    h.decode_tokens([b, c], [5, 6])
+    for r in (b, c):
+        h.check_kv(r)
+    h.alloc.check_integrity()
+    h.finish(b), h.finish(c)
+    # nothing runs: eviction gives pages back, and the slots once nothing of them is held
+    stats = h.kv.vmem_cache.stats()
+    evicted = h.tree.evict(EvictParams(num_tokens=h.tree.evictable_size())).num_tokens_evicted
+    assert evicted == 48                                # [0, 32) and b's [32, 48), both in slot sa
+    after = h.kv.vmem_cache.stats()
+    assert after.reclaimable_pages > stats.reclaimable_pages
+    assert h.kv.vmem_cache.live_slots == [0]
+    assert h.alloc.available_size() == TOKENS
+    h.alloc.check_integrity()
+
+
+def test_radix_cache_eviction_under_memory_pressure_keeps_running_requests_intact():
+    """A small pool: admitting needs the tree to evict (SGLang's evict_from_tree_cache in the allocation
+    path), and the requests still running read their K/V unchanged."""
+    h = RadixHarness(tokens=128)                        # 8 pages of tokens
+    first, _ = h.admit(list(range(1, 49)))              # 3 pages
+    h.finish(first)                                     # the tree keeps all 48
+    keep, _ = h.admit(list(range(500, 540)))            # 3 pages: 6 in use
+    big, _ = h.admit(list(range(900, 940)))             # 3 more: the tree must give back its pages
+    assert h.tree.evictable_size() < 48
+    for r in (keep, big):
+        h.check_kv(r)
+    h.alloc.check_integrity()

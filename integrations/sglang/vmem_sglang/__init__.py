@@ -41,6 +41,10 @@ def register() -> None:
                           HookType.AROUND)
     HookRegistry.register("sglang.srt.mem_cache.allocation.alloc_paged_token_slots_extend",
                           around_alloc_extend, HookType.AROUND)
+    HookRegistry.register("sglang.srt.mem_cache.allocation.alloc_paged_token_slots_decode",
+                          around_alloc_decode, HookType.AROUND)
+    HookRegistry.register("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows", around_free_rows,
+                          HookType.AROUND)
     logger.info("vmem_sglang %s hooks registered", __version__)
 
 
@@ -68,8 +72,10 @@ def _around_build_mha_pool(original, self, *, max_total_num_tokens, mha_pool_cla
 
     def vmem_pool(size, **pool_kwargs):
         pool_kwargs.pop("post_capture_active", None)
-        return VmemMHATokenToKVPool(size, num_rows=rtp.size, max_context_len=rtp.max_context_len,
+        pool = VmemMHATokenToKVPool(size, num_rows=rtp.size, max_context_len=rtp.max_context_len,
                                     reclaim=os.environ.get("VMEM_SGLANG_RECLAIM", "deferred"), **pool_kwargs)
+        pool.vmem_req_to_token_pool = rtp
+        return pool
 
     return original(self, max_total_num_tokens=max_total_num_tokens, mha_pool_class=vmem_pool,
                     quant_method=None, **kwargs)
@@ -81,8 +87,11 @@ def _around_build_allocator(original, self, *args, **kwargs):
     pool = kwargs.get("token_to_kv_pool")
     if not isinstance(pool, VmemMHATokenToKVPool):
         return original(self, *args, **kwargs)
-    return VmemTokenToKVPoolAllocator(pool.physical_tokens, page_size=pool.page_size, dtype=pool.dtype,
-                                      device=pool.device, kvcache=pool)
+    allocator = VmemTokenToKVPoolAllocator(pool.physical_tokens, page_size=pool.page_size, dtype=pool.dtype,
+                                           device=pool.device, kvcache=pool)
+    if getattr(pool, "vmem_req_to_token_pool", None) is not None:
+        allocator.attach_req_to_token_pool(pool.vmem_req_to_token_pool)
+    return allocator
 
 
 def around_alloc_extend(original, *args, **kwargs):
@@ -98,4 +107,28 @@ def around_alloc_extend(original, *args, **kwargs):
         allocator.pending_rows = None
 
 
-__all__ = ["TokenSlots", "around_alloc_extend", "enabled", "make_cache", "register", "row_geometry"]
+def around_alloc_decode(original, *args, **kwargs):
+    """Decode allocation: the request rows, so each new token goes to its request's own slot."""
+    tree_cache = kwargs.get("tree_cache", args[0] if args else None)
+    allocator = getattr(tree_cache, "token_to_kv_pool_allocator", None)
+    if allocator is None or not hasattr(allocator, "pending_rows"):
+        return original(*args, **kwargs)
+    allocator.pending_rows = kwargs.get("req_pool_indices")
+    try:
+        return original(*args, **kwargs)
+    finally:
+        allocator.pending_rows = None
+
+
+def around_free_rows(original, self, indices, *args, **kwargs):
+    """ReqToTokenPool.free_rows: a vmem allocator attached to this pool learns that the rows' requests
+    are gone (what the radix tree still holds of them stays)."""
+    out = original(self, indices, *args, **kwargs)
+    released = getattr(self, "_vmem_rows_released", None)
+    if released is not None:
+        released(list(indices))
+    return out
+
+
+__all__ = ["TokenSlots", "around_alloc_decode", "around_alloc_extend", "around_free_rows", "enabled", "make_cache",
+           "register", "row_geometry"]

@@ -15,7 +15,8 @@ from vmem_sglang.slots import TokenSlots, make_cache
 class VmemMHATokenToKVPool(MHATokenToKVPool):
     """MHATokenToKVPool whose ``k_buffer[l]`` / ``v_buffer[l]`` are vmem virtual tensors.
 
-    ``k_buffer[l]``: [(num_rows + 1) * row_tokens, head_num, head_dim], store dtype (NHD token rows).
+    ``k_buffer[l]``: [num_slots * row_tokens, head_num, head_dim], store dtype (NHD token rows; num_slots:
+    num_rows + 1 + extra slots for rows the radix tree keeps).
     Extra keyword arguments: ``num_rows`` (ReqToTokenPool.size), ``max_context_len`` (its row length),
     ``backend`` ("auto" | "host" | "cuda"), ``page_bytes`` (default: the backend's granularity),
     ``reclaim`` ("deferred" | "eager"). ``size`` keeps SGLang's meaning: the tokens memory may hold.
@@ -39,8 +40,8 @@ class VmemMHATokenToKVPool(MHATokenToKVPool):
         self.num_rows = num_rows
         self.physical_tokens = size
         try:
-            super().__init__((num_rows + 1) * self.row_tokens - page_size, page_size, dtype, head_num, head_dim,
-                             layer_num, device, enable_memory_saver, **kwargs)
+            super().__init__(self.vmem_cache.num_slots * self.row_tokens - page_size, page_size, dtype, head_num,
+                             head_dim, layer_num, device, enable_memory_saver, **kwargs)
         except BaseException:
             self.vmem_cache.close()
             raise
@@ -53,7 +54,7 @@ class VmemMHATokenToKVPool(MHATokenToKVPool):
         self.dq_k_buffer = self.dq_v_buffer = None
         self.k_buffer, self.v_buffer = [], []
         for layer in range(self.layer_num):
-            k, v = self.vmem_cache.kv(layer)                    # [num_rows + 1, row_tokens, H, D], contiguous
+            k, v = self.vmem_cache.kv(layer)                    # [num_slots, row_tokens, H, D], contiguous
             self.k_buffer.append(k.view(-1, self.head_num, self.head_dim))
             self.v_buffer.append(v.view(-1, self.head_num, self.v_head_dim))
         self._kv_buffer_descs = self._build_kv_buffer_descs()
@@ -75,9 +76,16 @@ class VmemTokenToKVPoolAllocator(BaseTokenToKVPoolAllocator):
         if page_size != kvcache.page_size:
             raise VmemInvalidArgument("page_size %d differs from the pool's %d" % (page_size, kvcache.page_size))
         super().__init__(size, page_size, dtype, device, kvcache, need_sort)
-        self.slots = TokenSlots(kvcache.vmem_cache, kvcache.row_tokens)
+        self.slots = TokenSlots(kvcache.vmem_cache, kvcache.row_tokens, page_size)
         self.debug_mode = False
-        self.pending_rows = None        # req_pool_indices of the extend in flight (the plugin hook sets it)
+        self.pending_rows = None        # req_pool_indices of the extend / decode in flight (plugin hooks set it)
+
+    def attach_req_to_token_pool(self, req_to_token_pool) -> None:
+        """Learn when SGLang gives request rows back (the plugin's hook on ReqToTokenPool.free_rows calls
+        ``req_to_token_pool._vmem_rows_released``): a row's slot then stays only while the radix tree holds
+        tokens in it. Needed with the radix cache on."""
+        req_to_token_pool._vmem_rows_released = self.slots.rows_released
+        self.slots.track_rows = True
 
     def available_size(self):
         return self.slots.available_tokens()
@@ -102,7 +110,7 @@ class VmemTokenToKVPoolAllocator(BaseTokenToKVPoolAllocator):
                                           "plugin's hook on alloc_paged_token_slots_extend passes them)")
             rows = [self.slots.row_of_token(loc) for loc in last_loc.tolist()]
         rows = rows.tolist() if hasattr(rows, "tolist") else list(rows)
-        out = self.slots.extend(rows, prefix_lens_cpu.tolist(), seq_lens_cpu.tolist())
+        out = self.slots.extend(rows, prefix_lens_cpu.tolist(), seq_lens_cpu.tolist(), last_loc.tolist())
         if out is None:
             return None
         if out.size != extend_num_tokens:
@@ -110,9 +118,14 @@ class VmemTokenToKVPoolAllocator(BaseTokenToKVPoolAllocator):
                                                                                          out.size))
         return torch.from_numpy(out).to(self.device)
 
-    def alloc_decode(self, seq_lens, seq_lens_cpu, last_loc, **kwargs):
-        """Token id of position seq_lens[i] - 1 of each request: [batch] int64, or None (OOM)."""
-        out = self.slots.decode(last_loc.tolist(), seq_lens_cpu.tolist())
+    def alloc_decode(self, seq_lens, seq_lens_cpu, last_loc, req_pool_indices=None, **kwargs):
+        """Token id of position seq_lens[i] - 1 of each request: [batch] int64, or None (OOM). The request
+        rows come from the plugin's hook (with the radix cache a request's last token may lie in another
+        request's slot); without them, from the slot of last_loc."""
+        rows = req_pool_indices if req_pool_indices is not None else self.pending_rows
+        if rows is not None:
+            rows = rows.tolist() if hasattr(rows, "tolist") else list(rows)
+        out = self.slots.decode(last_loc.tolist(), seq_lens_cpu.tolist(), rows)
         return None if out is None else torch.from_numpy(out).to(self.device)
 
     def free(self, free_index: torch.Tensor):
