@@ -6,11 +6,22 @@ What each call may do (plan vs run, in FlashInfer's sense):
   * may talk to the OS/driver (map, unmap, grow, trim): ``step()``, ``prefetch()``, ``free_slot()`` (eager
     reclamation), ``reclaim_idle()``, ``close()``;
   * ``attention()`` writes K/V in place and runs a kernel; it never maps.
+
+Threads: every public method runs under the manager's one lock (``synchronized`` / ``transaction``),
+so managers may be shared by threads; the native layer below is thread-safe on its own. ``kv()`` and
+the kernel of ``attention()`` take no lock (views; the caller orders its writes after step()).
+
+Interrupts: a ``transaction`` method (one that changes slots or pages) hit by an exception that is not
+one of vmem's own typed errors (a KeyboardInterrupt at any line, a bug) calls ``_recover()`` before the
+exception propagates, so the invariants hold again (VirtualKVCache: the page table is re-read from the
+backend); vmem's typed errors are handled where they are raised and leave a consistent state there.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -19,9 +30,40 @@ import torch
 
 from vmem.allocator.spec import KVCacheSpec
 from vmem.allocator.stats import CacheStats, new_counters, new_peaks
-from vmem.errors import VmemClosedError, VmemInvalidArgument, VmemSlotError
+from vmem.errors import VmemClosedError, VmemError, VmemInvalidArgument, VmemSlotError
 
 _DEBUG = bool(os.environ.get("VMEM_DEBUG"))
+
+
+def synchronized(method):
+    """Run ``method`` under its manager's lock (an RLock: public methods call each other)."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return call
+
+
+def transaction(method):
+    """``synchronized``, and an exception other than a VmemError leaves the outermost call only after
+    ``self._recover()`` made the state consistent again (module docstring: Interrupts)."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with self._lock:
+            if self._in_transaction:             # nested (step inside ensure...): the outer call recovers
+                return method(self, *args, **kwargs)
+            try:                                  # the flag is set inside the try, so it is always reset
+                self._in_transaction = True
+                return method(self, *args, **kwargs)
+            except VmemError:
+                raise
+            except BaseException:
+                if not self._closed:
+                    self._recover()
+                raise
+            finally:
+                self._in_transaction = False
+    return call
 
 
 @runtime_checkable
@@ -70,6 +112,8 @@ class SlotCache:
         self._counters = new_counters()
         self._peaks = new_peaks()
         self._closed = False
+        self._lock = threading.RLock()
+        self._in_transaction = False
 
     # ---- validation -----------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -112,18 +156,22 @@ class SlotCache:
 
     # ---- slots ----------------------------------------------------------------------------
     @property
+    @synchronized
     def num_free_slots(self) -> int:
         self._check_open()
         return int(self.num_slots - np.count_nonzero(self._live))
 
     @property
+    @synchronized
     def live_slots(self) -> list[int]:
         return np.flatnonzero(self._live).tolist()
 
+    @synchronized
     def length(self, slot: int) -> int:
         """Tokens the last step() made room for in a live slot."""
         return int(self._lengths[self._check_slot(slot)])
 
+    @transaction
     def alloc_slot(self, num_tokens: int | None = None, token_ids: Sequence[int] | None = None) -> int:
         """A free slot for a new request (length 0). ``num_tokens`` optionally hints how long it may grow
         (advisory: clamped to [0, max_seq_len]). ``token_ids``: the request's prompt; a cache with prefix
@@ -160,11 +208,13 @@ class SlotCache:
             raise VmemInvalidArgument("%d token ids exceed max_seq_len %d" % (len(ids), self.spec.max_seq_len))
         return [int(t) for t in ids]
 
+    @synchronized
     def num_cached_tokens(self, slot: int) -> int:
         """Leading tokens of a live slot whose K/V a prefix cache supplies (attached at alloc_slot, or
         entered by cache_prefix): the request never writes them."""
         return int(self._cached_tokens[self._check_slot(slot)])
 
+    @synchronized
     def match_prefix(self, token_ids: Sequence[int]) -> int:
         """Tokens of ``token_ids`` a new request would find cached (whole pages; at most all but the last
         token, which must be computed to sample). Pure. 0 without prefix caching."""
@@ -172,6 +222,7 @@ class SlotCache:
         self._check_token_ids(token_ids)
         return 0
 
+    @transaction
     def cache_prefix(self, slot: int, token_ids: Sequence[int]) -> int:
         """``token_ids`` are the tokens whose K/V the live ``slot`` holds from position 0: their full pages
         enter the prefix index (no native call). Returns the slot's cached tokens. No-op without caching."""
@@ -186,14 +237,16 @@ class SlotCache:
     def _choose_slot(self, free: np.ndarray, num_tokens: int | None) -> int:
         return int(free[0])
 
+    @transaction
     def free_slot(self, slot: int) -> None:
         """The request in ``slot`` finished or was preempted; its length is forgotten."""
         self._check_open()
         slot = self._check_slot(slot)
-        self._release_slot(slot)
-        self._live[slot] = False
+        # the slot is free before its pages go (an interrupt in between leaves a free slot holding pages)
         self._lengths[slot] = 0
         self._cached_tokens[slot] = 0
+        self._live[slot] = False
+        self._release_slot(slot)
 
     def _release_slot(self, slot: int) -> None:
         pass
@@ -204,6 +257,7 @@ class SlotCache:
         self._peaks["live_tokens"] = max(self._peaks["live_tokens"], live_tokens)
 
     # ---- defaults -------------------------------------------------------------------------
+    @synchronized
     def can_allocate(self, needs: Mapping[int, int]) -> bool:
         """Whether step(needs) would succeed now (no side effects)."""
         return self.pages_needed(needs) <= self._available_pages()
@@ -211,10 +265,12 @@ class SlotCache:
     def _available_pages(self) -> int:
         raise NotImplementedError
 
+    @transaction
     def ensure(self, slot: int, num_tokens: int) -> None:
         """step() for one slot: make tokens [0, num_tokens) of ``slot`` writable."""
         self.step({slot: num_tokens})
 
+    @synchronized
     def prefetch(self, needs: Mapping[int, int]) -> None:
         """Begin mapping what the next step needs; the baselines have nothing to map."""
         self._parse_needs(needs)
@@ -222,6 +278,7 @@ class SlotCache:
     def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    @synchronized
     def _check_attention_args(self, q, cache_seqlens, slots) -> None:
         """Typed errors for bad shapes; on CPU (or with VMEM_DEBUG set) also that every slot is live and
         step() made room for cache_seqlens + seqlen tokens: a write past the mapped part of a virtual
@@ -259,8 +316,13 @@ class SlotCache:
     def __exit__(self, *exc):
         self.close()
 
+    @synchronized
     def close(self) -> None:
         self._closed = True
+
+    def _recover(self) -> None:
+        """Make the state consistent after an interrupted transaction (see the module docstring). Slot
+        bookkeeping changes in single assignments whose every order is consistent: nothing to do here."""
 
     @property
     def closed(self) -> bool:

@@ -33,6 +33,10 @@ that still maps it (no map call at all), and the next ``step`` maps the rest of 
 step's growth, in the same single native call. Cached pages are freed by evicting them from the index,
 least recently used leaf first, when free and reclaimable slot pages do not cover a step.
 
+Threads and interrupts (base.py): the public methods run under one lock; a call cut short by an exception
+other than a VmemError (a KeyboardInterrupt between a native call and its record) ends in ``_recover()``,
+which re-reads the page table from the backend and derives the columns from it.
+
 Limitations: pages shared between slots by share_prefix are never counted as reclaimable, and do not
 enter the prefix index.
 """
@@ -46,7 +50,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from vmem.allocator.base import SlotCache
+from vmem.allocator.base import SlotCache, synchronized, transaction
 from vmem.allocator.elastic import BudgetPolicy, IdleClock, free_mask, open_lease
 from vmem.allocator.mapping import RECLAIM_MODES, PageMapper, check_reclaim_mode, synchronize_for_unmap
 from vmem.allocator.page_table import UNMAPPED
@@ -206,11 +210,13 @@ class VirtualKVCache(SlotCache):
 
     # ---- slots ----------------------------------------------------------------------------
     @property
+    @synchronized
     def num_free_slots(self) -> int:
         """Free slots a request can get (a freed slot still holding shared pages waits for their unmap)."""
         self._check_open()
         return int(np.count_nonzero(~self._live & (self._cols.shared == 0)))
 
+    @transaction
     def alloc_slot(self, num_tokens: int | None = None, token_ids=None) -> int:
         if self._cols.shared.any() and not self.num_free_slots:
             self.reclaim_idle()               # retry unmapping shared pages left in freed slots
@@ -276,6 +282,7 @@ class VirtualKVCache(SlotCache):
         self._index.unlock(self._paths[slot][:int(self._cols.cached[slot])])
         self._index.unlock(self._attach.pop(slot, []))
 
+    @synchronized
     def match_prefix(self, token_ids) -> int:
         self._check_open()
         ids = self._check_token_ids(token_ids)
@@ -283,6 +290,7 @@ class VirtualKVCache(SlotCache):
             return 0
         return len(self._index.match(ids, (len(ids) - 1) // self._tpp)) * self._tpp
 
+    @transaction
     def cache_prefix(self, slot: int, token_ids) -> int:
         """Enter the live slot's full columns among ``token_ids`` (K/V computed, within its length) into
         the prefix index. Stops at a column the index holds already from another slot (that copy stays
@@ -316,6 +324,7 @@ class VirtualKVCache(SlotCache):
         self._cached_tokens[slot] = max(int(self._cached_tokens[slot]), len(path) * self._tpp)
         return int(self._cached_tokens[slot])
 
+    @synchronized
     def prefix_stats(self) -> dict:
         """Prefix cache counters: pages mapped from the index into slots (map calls carrying them), pages
         found already in place, pages entered and evicted, pages cached now, KV bytes copied (no code
@@ -330,7 +339,7 @@ class VirtualKVCache(SlotCache):
 
     def _release_slot(self, slot: int) -> None:
         self._settle()
-        self._idle.update(int(np.count_nonzero(self._live)) - 1)   # slot is still counted live here
+        self._idle.update(int(np.count_nonzero(self._live)))       # free_slot freed the slot first
         self._drop_prefix(slot)           # its cached columns stay mapped (deferred): a later match lands here
         self._clock += 1
         self._cols.freed_at[slot] = self._clock
@@ -350,6 +359,7 @@ class VirtualKVCache(SlotCache):
                 logger.warning("eager unmap of slot %d failed (%s); its pages stay mapped until reclaimed", slot, exc)
 
     # ---- planning (pure; planning.py) ---------------------------------------------------------
+    @synchronized
     def pages_needed(self, needs: Mapping[int, int]) -> int:
         """Pool pages step(needs) would take from the free pool (pages already mapped in the slots, and
         cached pages attached to them, count as there)."""
@@ -364,6 +374,7 @@ class VirtualKVCache(SlotCache):
         """Pages a step may take back: slots' unprotected columns, then unlocked index columns."""
         return self._cols.reclaimable_pages(protected) + self._index.num_evictable * self.spec.rows_per_slot
 
+    @synchronized
     def can_allocate(self, needs: Mapping[int, int]) -> bool:
         """Whether step(needs) would succeed now: free pages plus pages it may take back (no side effects)."""
         slots, tokens = self._parse_needs(needs)
@@ -427,6 +438,7 @@ class VirtualKVCache(SlotCache):
             self._pages.trim(released)
         return reclaim
 
+    @transaction
     def step(self, needs: Mapping[int, int]) -> None:
         """Make tokens [0, needs[slot]) of every slot writable, in one native map call.
 
@@ -468,7 +480,7 @@ class VirtualKVCache(SlotCache):
             growth = self._plan_growth(slots, tokens, needed)
             try:
                 self._pages.native_map(np.concatenate([avirt, growth.virt]), np.concatenate([aphys, growth.phys]))
-            except BaseException:
+            except VmemError:                  # the native call rolled back (anything else: _recover)
                 self._table.clear(avirt)
                 for s, nodes in attach:
                     self._cols.columns[s] -= len(nodes)
@@ -557,6 +569,7 @@ class VirtualKVCache(SlotCache):
         self._undo_reclaim(reclaim)
 
     # ---- prefix sharing ---------------------------------------------------------------------
+    @transaction
     def share_prefix(self, src_slot: int, dst_slot: int, num_tokens: int) -> int:
         """Map the pages holding tokens [0, num_tokens) of ``src_slot`` into a new request's ``dst_slot``.
 
@@ -618,6 +631,7 @@ class VirtualKVCache(SlotCache):
             raise VmemInvalidArgument("slot %d shares its first %d tokens with other requests (a shared or cached "
                                       "prefix); it cannot shrink to %d" % (slots[bad], floor[bad], tokens[bad]))
 
+    @transaction
     def reclaim_idle(self) -> int:
         """Unmap every reclaimable page now (idle slots' pages, live slots' columns beyond their length),
         evict every unlocked column of the prefix index, and return the memory to the OS. Returns the
@@ -640,6 +654,7 @@ class VirtualKVCache(SlotCache):
         """The budget Lease pages are charged to, or None."""
         return self._lease
 
+    @transaction
     def maintain(self, *, force: bool = False) -> int:
         """Apply the BudgetPolicy (elastic.py): publish what could be given back, give reclaimable pages
         back to waiting tenants and after the idle period, trim free pages still holding memory.
@@ -678,6 +693,7 @@ class VirtualKVCache(SlotCache):
             self._pages.trim(self._evict(self._index.plan_eviction(-(-short // self.spec.rows_per_slot))))
         return self._table.num_free - free
 
+    @synchronized
     def budget_short(self, needs: Mapping[int, int]) -> bool:
         """True when step(needs) fails only because the shared budget is short (the pool could hold it):
         the caller should wait, not preempt or fail. Records the shortfall as this tenant's demand, so
@@ -698,6 +714,7 @@ class VirtualKVCache(SlotCache):
         return 0 if self._lease is None else self._lease.info().others_reclaimable_bytes
 
     # ---- async ----------------------------------------------------------------------------
+    @transaction
     def prefetch(self, needs: Mapping[int, int]) -> None:
         """Start mapping what step(needs) will need on the native worker and return at once.
 
@@ -727,7 +744,7 @@ class VirtualKVCache(SlotCache):
         growth = self._plan_growth(slots, tokens, needed)
         try:
             ticket = self._prefetcher.submit_map(growth)
-        except BaseException:
+        except VmemError:                      # not queued (anything else: _recover)
             if reclaim is not None:            # the unmap is queued: settle it now, keep or undo its plan
                 if self._prefetcher.wait_unmap(uticket, reclaim) is not None:
                     logger.warning("prefetch unmap failed; the slots keep their pages")
@@ -764,7 +781,29 @@ class VirtualKVCache(SlotCache):
             self._undo_reclaim(reclaim)
         self._undo_growth(growth)
 
+    # ---- interrupt safety -----------------------------------------------------------------------
+    def _recover(self) -> None:
+        """Make every record agree with the backend again after a transaction was cut short by an
+        exception other than a VmemError (a KeyboardInterrupt between a native call and its record, or
+        in the middle of a page table update): let the worker finish what it was handed, re-read the
+        page table from the backend (PageMapper.resync), and derive the slots' columns from it."""
+        if self._prefetcher is not None:
+            try:
+                self._settle()
+            except Exception as exc:           # the recovery below does not need it
+                logger.warning("settling a prefetch during recovery failed: %s", exc)
+            self._prefetcher.pending = None
+            if self._prefetcher.mapper.pending:   # jobs whose tickets were lost: closing waits for them
+                self._prefetcher.close()
+                self._prefetcher.mapper = self._backend.async_mapper()
+        self._pages.resync()
+        self._cols.resync(self._table)
+        if self.reclaim == "eager":            # free slots still holding pages: reclaimable, as after a failed unmap
+            self._eager_leftovers |= set(np.flatnonzero(~self._live & (self._cols.columns > 0)).tolist())
+        logger.warning("vmem: recovered the cache's state from the backend after an interrupted call")
+
     # ---- statistics and checks --------------------------------------------------------------
+    @synchronized
     def stats(self) -> CacheStats:
         reclaimable = self._reclaimable()
         used = self._table.num_used - reclaimable          # physical pages: a shared page counts once
@@ -781,10 +820,12 @@ class VirtualKVCache(SlotCache):
                           budget_peak_pages=info.peak_bytes // page_bytes)
 
     @property
+    @synchronized
     def counters(self) -> dict:
         """Raw counters, including the async ones (prefetch_pages, prefetch_failures, async_wait_seconds)."""
         return dict(self._counters)
 
+    @transaction
     def check_integrity(self) -> None:
         """Verify the invariants of the class docstring; raise VmemIntegrityError listing what is wrong."""
         self._check_open()
@@ -865,6 +906,7 @@ class VirtualKVCache(SlotCache):
             problems.append("index nodes' slots or locks disagree with the slots' cached columns")
         return problems
 
+    @synchronized
     def close(self) -> None:
         """Wait for the worker, unmap everything and release the reservation and the pool."""
         if self._closed:

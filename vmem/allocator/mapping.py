@@ -104,10 +104,15 @@ class PageMapper:
         """Host: punch unreferenced pool pages out of the memfd. CUDA keeps its pooled handles (creating
         one costs ~130 maps), so memory stays with the pool until close(), unless the pool is elastic
         (a budget lease): then trim releases the handles and gives the budget its pages back."""
-        if phys.size and (self.backend.name == "host" or getattr(self.pool, "lease", None) is not None):
+        if phys.size and self.trims:
             self.pool.trim(phys)
             self.table.resident[phys] = False
             self.counters["trimmed_pages"] += int(phys.size)
+
+    @property
+    def trims(self) -> bool:
+        """Whether trim() gives memory back (host; an elastic pool) or is a no-op (cuda's pooled handles)."""
+        return self.backend.name == "host" or getattr(self.pool, "lease", None) is not None
 
     def trim_unreferenced(self) -> None:
         """Trim every resident page no virtual page maps."""
@@ -152,7 +157,7 @@ class PageMapper:
         theirs = self.reservation.mapping(0, self.table.phys.size)
         self.table.rebuild(theirs)
         resident = self.pool.resident_bytes()
-        if resident is not None and resident >= 0 and self.backend.name == "host":
+        if resident is not None and resident >= 0 and self.trims:
             if resident != int(np.count_nonzero(self.table.resident)) * self.pool.page_bytes:
                 unreferenced = np.flatnonzero(self.table.refcount == 0)
                 if unreferenced.size:

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from vmem.allocator.base import SlotCache
+from vmem.allocator.base import SlotCache, synchronized, transaction
 from vmem.allocator.spec import KVCacheSpec
 from vmem.allocator.stats import CacheStats
 from vmem.errors import VmemIntegrityError, VmemInvalidArgument, VmemOutOfMemory
@@ -82,6 +82,7 @@ class PagedKVCache(SlotCache):
     def _blocks_for(self, num_tokens: np.ndarray) -> np.ndarray:
         return -(-num_tokens // self.block_size)
 
+    @synchronized
     def pages_needed(self, needs: Mapping[int, int]) -> int:
         slots, tokens = self._parse_needs(needs)
         owned = np.fromiter((len(self._blocks[s]) for s in slots), dtype=np.int64, count=slots.size)
@@ -90,6 +91,7 @@ class PagedKVCache(SlotCache):
     def _available_pages(self) -> int:
         return len(self._free_blocks)
 
+    @transaction
     def step(self, needs: Mapping[int, int]) -> None:
         """Give every slot blocks for [0, needs[slot]); atomic: VmemOutOfMemory changes nothing."""
         slots, tokens = self._parse_needs(needs)
@@ -145,6 +147,7 @@ class PagedKVCache(SlotCache):
             hits.append(block)
         return hits
 
+    @synchronized
     def match_prefix(self, token_ids) -> int:
         self._check_open()
         ids = self._check_token_ids(token_ids)
@@ -162,6 +165,7 @@ class PagedKVCache(SlotCache):
         self._counters["prefix_hit_blocks"] += len(hits)
         return len(hits) * self.block_size
 
+    @transaction
     def cache_prefix(self, slot: int, token_ids) -> int:
         """Enter the slot's full blocks among ``token_ids`` (their K/V computed) into the hash map; a block
         whose hash another block already holds stays private, and the chain goes on past it."""
@@ -184,6 +188,7 @@ class PagedKVCache(SlotCache):
             self._cached_tokens[slot] = max(int(self._cached_tokens[slot]), full * self.block_size)
         return int(self._cached_tokens[slot])
 
+    @synchronized
     def prefix_stats(self) -> dict:
         """Prefix cache counters: blocks hit, entered, evicted; cached blocks now; KV bytes copied (none)."""
         c = self._counters
@@ -210,11 +215,13 @@ class PagedKVCache(SlotCache):
         return paged_attention_with_kvcache(q, k_pool, v_pool, self.block_table_for(slots), k=k, v=v,
                                             cache_seqlens=cache_seqlens, softmax_scale=softmax_scale, causal=causal)
 
+    @synchronized
     def stats(self) -> CacheStats:
         used = self.num_blocks - len(self._free_blocks)
         return self._stats(page_bytes=self.block_bytes, total_pages=self.num_blocks, used_pages=used,
                            reclaimable_pages=0)
 
+    @synchronized
     def check_integrity(self) -> None:
         self._check_open()
         problems = []
@@ -248,6 +255,7 @@ class PagedKVCache(SlotCache):
         if problems:
             raise VmemIntegrityError("; ".join(problems))
 
+    @synchronized
     def close(self) -> None:
         if self._closed:
             return

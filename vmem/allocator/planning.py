@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from vmem.allocator.page_table import PageTable, place_pages
+from vmem.allocator.page_table import UNMAPPED, PageTable, place_pages
 from vmem.allocator.policy import ReclaimPolicy, reclaim_slot_order
 from vmem.allocator.spec import KVCacheSpec
 
@@ -180,6 +180,21 @@ class ColumnPlanner:
             self.inherited[s] = min(int(self.inherited[s]), k)
             self.shared[s] = min(int(self.shared[s]), k)
             self.cached[s] = min(int(self.cached[s]), k)
+
+    def resync(self, table: PageTable) -> None:
+        """Derive the columns from the page table (after it was re-read from the backend): mapped pages
+        of each slot's rows; inherited, shared and cached columns clipped to them, and shared columns cover
+        every page that several virtual pages map."""
+        spec = self.spec
+        shape = (spec.num_planes, spec.max_batch, spec.rows_per_plane, spec.pages_per_row)
+        mapped = (table.phys != UNMAPPED).reshape(shape)
+        self.columns[:] = mapped.sum(axis=3).max(axis=(0, 2))
+        np.minimum(self.inherited, self.columns, out=self.inherited)
+        np.minimum(self.shared, self.columns, out=self.shared)
+        np.minimum(self.cached, self.columns, out=self.cached)
+        multi = np.isin(table.phys, np.flatnonzero(table.refcount - table.held > 1)).reshape(shape).any(axis=(0, 2))
+        last = np.where(multi.any(axis=1), spec.pages_per_row - np.argmax(multi[:, ::-1], axis=1), 0)
+        np.maximum(self.shared, last, out=self.shared)
 
     def restore(self, before: dict[int, SlotColumns]) -> None:
         for s, cols in before.items():

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from vmem.allocator.base import SlotCache
+from vmem.allocator.base import SlotCache, synchronized, transaction
 from vmem.allocator.spec import KVCacheSpec
 from vmem.allocator.stats import CacheStats
 from vmem.errors import VmemIntegrityError, VmemInvalidArgument
@@ -44,6 +44,7 @@ class StaticKVCache(SlotCache):
             shape[1] = spec.max_seq_len
         self._planes = [torch.empty(shape, dtype=spec.dtype, device=self.device) for _ in range(spec.num_planes)]
 
+    @synchronized
     def pages_needed(self, needs: Mapping[int, int]) -> int:
         self._parse_needs(needs)
         return 0
@@ -51,6 +52,7 @@ class StaticKVCache(SlotCache):
     def _available_pages(self) -> int:
         return 0
 
+    @transaction
     def step(self, needs: Mapping[int, int]) -> None:
         """Nothing to map: validate and record the lengths."""
         slots, tokens = self._parse_needs(needs)
@@ -72,16 +74,19 @@ class StaticKVCache(SlotCache):
                                        cache_batch_idx=slots, softmax_scale=softmax_scale, causal=causal,
                                        kv_layout=self.spec.kv_layout)
 
+    @synchronized
     def stats(self) -> CacheStats:
         used = int(np.count_nonzero(self._live))
         return self._stats(page_bytes=self.slot_bytes, total_pages=self.num_slots, used_pages=used,
                            reclaimable_pages=0)
 
+    @synchronized
     def check_integrity(self) -> None:
         self._check_open()
         if np.any(self._lengths[~self._live]) or np.any(self._lengths > self.spec.max_seq_len):
             raise VmemIntegrityError("static cache: a free slot has a length, or a length exceeds max_seq_len")
 
+    @synchronized
     def close(self) -> None:
         if self._closed:
             return
