@@ -189,6 +189,26 @@ def _generate(llm, phase) -> dict:
     return res
 
 
+def _phase(llm, phase, probe, sample_s) -> dict:
+    kind = phase["kind"]
+    if kind == "generate":
+        if sample_s:
+            with Sampler(probe["pid"], probe["kv_lo"], probe["kv_hi"], sample_s) as s:
+                res = _generate(llm, phase)
+            res["peak_kv_rss_bytes"], res["rss_samples"] = s.peak, s.samples
+        else:
+            res = _generate(llm, phase)
+    elif kind == "probe":
+        res = llm.collective_rpc(worker_probe)[0]
+    elif kind == "reset_prefix_cache":
+        res = {"done": bool(llm.reset_prefix_cache())}
+    elif kind == "metrics":
+        res = _metrics(llm)
+    else:
+        raise ValueError("unknown phase kind %r" % kind)
+    return {"kind": kind, "name": phase.get("name", kind), **res}
+
+
 def run(spec: dict) -> dict:
     """``spec``: {"engine": LLM kwargs, "phases": [{"kind": "generate"|"probe"|"reset_prefix_cache", ...}],
     "sample_s": seconds or None}. Returns {"phases": [...], "metrics": {...}, "init_s": ...}."""
@@ -200,23 +220,69 @@ def run(spec: dict) -> dict:
     probe = llm.collective_rpc(worker_probe)[0]
     result["phases"].append({"kind": "probe", "name": "start", **probe})
     for phase in spec["phases"]:
-        kind = phase["kind"]
-        if kind == "generate":
-            if spec.get("sample_s"):
-                with Sampler(probe["pid"], probe["kv_lo"], probe["kv_hi"], spec["sample_s"]) as s:
-                    res = _generate(llm, phase)
-                res["peak_kv_rss_bytes"], res["rss_samples"] = s.peak, s.samples
-            else:
-                res = _generate(llm, phase)
-        elif kind == "probe":
-            res = llm.collective_rpc(worker_probe)[0]
-        elif kind == "reset_prefix_cache":
-            res = {"done": bool(llm.reset_prefix_cache())}
-        else:
-            raise ValueError("unknown phase kind %r" % kind)
-        result["phases"].append({"kind": kind, "name": phase.get("name", kind), **res})
+        result["phases"].append(_phase(llm, phase, probe, spec.get("sample_s")))
     result["metrics"] = _metrics(llm)
     return result
+
+
+class Engine:
+    """A live engine in its own process, fed one phase at a time (``live.py --interactive``), so that
+    two engines can take turns on the same requests (paired runs on a loaded machine)."""
+
+    def __init__(self, engine_kwargs: dict, *, python: str = sys.executable, plugin: bool = True,
+                 sample_s: float | None = None, extra_env: dict | None = None, log_path: str | None = None):
+        env = dict(os.environ, **ENV, VMEM_VLLM="1" if plugin else "0", **(extra_env or {}))
+        if "kv_cache_memory_bytes" in engine_kwargs:
+            env.pop("VLLM_CPU_KVCACHE_SPACE")
+        self._log = open(log_path or os.devnull, "w")
+        self.proc = subprocess.Popen([python, os.path.abspath(__file__), "--interactive"], env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
+        self.start = self._call({"engine": engine_kwargs, "sample_s": sample_s})
+
+    def _call(self, message: dict) -> dict:
+        self.proc.stdin.write(json.dumps(message) + "\n")
+        self.proc.stdin.flush()
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError("the engine process exited (rc %s)" % self.proc.wait())
+            if line.startswith("@@"):
+                out = json.loads(line[2:])
+                if "error" in out and len(out) == 1:
+                    raise RuntimeError("engine phase failed: %s" % out["error"])
+                return out
+
+    def phase(self, phase: dict) -> dict:
+        return self._call(phase)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+
+
+def _interactive() -> None:
+    """stdin: the engine spec, then one phase per line; stdout: ``@@`` + a JSON answer per line."""
+    import traceback
+
+    from vllm import LLM
+
+    first = json.loads(sys.stdin.readline())
+    t0 = time.perf_counter()
+    llm = LLM(**first["engine"])
+    probe = llm.collective_rpc(worker_probe)[0]
+    print("@@" + json.dumps({"init_s": time.perf_counter() - t0, **probe}), flush=True)
+    for line in sys.stdin:
+        try:
+            out = _phase(llm, json.loads(line), probe, first.get("sample_s"))
+        except Exception:          # noqa: BLE001 - reported to the caller, which raises
+            out = {"error": traceback.format_exc()[-4000:]}
+        print("@@" + json.dumps(out), flush=True)
 
 
 def run_in_subprocess(spec: dict, workdir: str, *, python: str = sys.executable, plugin: bool = True,
@@ -275,6 +341,9 @@ def serve(model: str, port: int, *, python: str = sys.executable, plugin: bool =
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "--interactive":
+        _interactive()
+        sys.exit(0)
     with open(sys.argv[1]) as f:
         spec_ = json.load(f)
     out_ = run(spec_)
