@@ -150,6 +150,8 @@ def median_rows(rows: list[dict]) -> dict:
     for k, v in rows[0].items():
         if isinstance(v, (int, float)) and not isinstance(v, bool) and all(r.get(k) is not None for r in rows):
             out[k] = statistics.median(r[k] for r in rows)
+            if isinstance(v, int) and float(out[k]).is_integer():
+                out[k] = int(out[k])
     out["repeats"] = len(rows)
     return out
 
@@ -243,12 +245,14 @@ def main(argv=None) -> int:
                                                   "output_tok_s", "completed")}))
     res = {"args": vars(args), "workload": workload,
            "configs": {k: median_rows(v) for k, v in runs.items()}, "runs": runs}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(res, indent=1))          # what is measured so far
     sweep = []
     for page_bytes in args.page_sweep:
         row = (res["configs"][label("vmem", True)] if page_bytes == args.page_bytes
                else run_one(args, reqs, "vmem", True, page_bytes))
         sweep.append({"page_bytes": page_bytes, "page_tokens": row["page_tokens"], "hit_rate": row["hit_rate"],
-                      "ideal_hit_rate": wl.prefix_reuse(reqs, row["page_tokens"]),
+                      "ideal_hit_rate": wl.prefix_reuse(reqs, int(row["page_tokens"])),
                       "ttft_p50_ms": row["ttft_p50_ms"], "output_tok_s": row["output_tok_s"]})
         print(json.dumps(sweep[-1]))
     res["page_sweep"] = sweep

@@ -75,3 +75,27 @@ def test_eager_reclamation_on_the_gpu():
         c.free_slot(s)
         assert c.reservation.mapped_pages == 0
         c.check_integrity()
+
+
+def test_cached_prefix_is_mapped_into_another_slot_on_the_gpu():
+    """Prefix caching on CUDA: a handle unmapped from its slot keeps its data and is mapped into the next
+    request that matches; the aliases read the same bytes."""
+    spec = gpu_spec()
+    tpp = int(spec.tokens_per_page)
+    with VirtualKVCache(spec, memory_bytes=spec.pages_for_tokens(4 * tpp) * PAGE, backend="cuda",
+                        prefix_caching=True) as c:
+        prompt = list(range(256)) * (3 * tpp // 256 + 1)
+        a = c.alloc_slot(token_ids=prompt[:2 * tpp + 5])
+        c.step({a: 2 * tpp + 5})
+        k, _ = c.kv(0)
+        k[a, :2 * tpp].copy_(torch.randn(k[a, :2 * tpp].shape, device="cuda", dtype=torch.bfloat16))
+        want = k[a, :2 * tpp].float().sum().item()
+        assert c.cache_prefix(a, prompt[:2 * tpp + 5]) == 2 * tpp
+        b = c.alloc_slot(token_ids=prompt[:2 * tpp + 9])       # a is live: another slot, mapped by step
+        assert b != a and c.num_cached_tokens(b) == 2 * tpp
+        c.step({b: 2 * tpp + 9})
+        torch.cuda.synchronize()
+        assert k[b, :2 * tpp].float().sum().item() == want
+        c.free_slot(a)
+        c.free_slot(b)
+        c.check_integrity()
