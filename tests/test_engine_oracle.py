@@ -17,8 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def make_spec(model, max_batch, max_seq_len=128, page_bytes=4096):
     c = model.config
-    return KVCacheSpec(num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=c.dtype,
-                       max_batch=max_batch, max_seq_len=max_seq_len, page_bytes=page_bytes)
+    return KVCacheSpec.for_model(c, max_batch=max_batch, max_seq_len=max_seq_len, page_bytes=page_bytes)
 
 
 def token_bytes(spec):

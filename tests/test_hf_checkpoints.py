@@ -120,8 +120,7 @@ def test_bf16_logits_within_tolerance(ckpt, arch):
     model = Model.from_pretrained(ckpt[arch], dtype="bfloat16")
     c = model.config
     assert c.dtype == torch.bfloat16 and model.embed.dtype == torch.bfloat16
-    cache = make_cache("vmem", KVCacheSpec(num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-                                           dtype=c.dtype, max_batch=2, max_seq_len=128, page_bytes=4096),
+    cache = make_cache("vmem", KVCacheSpec.for_model(c, max_batch=2, max_seq_len=128, page_bytes=4096),
                        backend="host")
     try:
         slot = cache.alloc_slot()

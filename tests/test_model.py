@@ -81,8 +81,7 @@ def test_cached_decoding_equals_full_recompute(tiny, layout):
 def test_cached_decoding_on_real_caches(tiny, kind):
     from vmem.allocator import KVCacheSpec, make_cache
     c = tiny.config
-    spec = KVCacheSpec(num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=c.dtype,
-                       max_batch=4, max_seq_len=96, page_bytes=4096)
+    spec = KVCacheSpec.for_model(c, max_batch=4, max_seq_len=96, page_bytes=4096)
     cache = make_cache(kind, spec, backend="host")
     try:
         slots = [cache.alloc_slot() for _ in PROMPTS]

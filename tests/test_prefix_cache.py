@@ -242,8 +242,7 @@ def shared_reqs(model):
 
 def _engine(model, kind, max_batch, memory_tokens, chunk=16, prefix_caching=True, page_bytes=4096, **kw):
     c = model.config
-    s = KVCacheSpec(num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=c.dtype,
-                    max_batch=max_batch, max_seq_len=192, page_bytes=page_bytes)
+    s = KVCacheSpec.for_model(c, max_batch=max_batch, max_seq_len=192, page_bytes=page_bytes)
     cache = make_cache(kind, s, backend="host", memory_bytes=memory_tokens * s.token_bytes,
                        prefix_caching=prefix_caching, **kw)
     return Engine(model, cache, max_num_batched_tokens=48, prefill_chunk_tokens=chunk, async_map=False)

@@ -13,8 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def new_engine(model, kind="vmem", *, max_batch=4, max_seq_len=128, memory_tokens=None, chunk=32, budget=128,
                **cache_kw):
     c = model.config
-    spec = KVCacheSpec(num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=c.dtype,
-                       max_batch=max_batch, max_seq_len=max_seq_len, page_bytes=4096)
+    spec = KVCacheSpec.for_model(c, max_batch=max_batch, max_seq_len=max_seq_len, page_bytes=4096)
     token_bytes = 2 * c.num_layers * c.num_kv_heads * c.head_dim * c.dtype.itemsize
     memory_tokens = memory_tokens or max_batch * max_seq_len
     cache = make_cache(kind, spec, memory_bytes=memory_tokens * token_bytes, **cache_kw)

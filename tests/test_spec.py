@@ -127,3 +127,25 @@ def test_spec_is_frozen_and_hashable():
     with pytest.raises(Exception):
         s.max_batch = 9
     assert hash(s) == hash(spec())
+
+
+def test_for_model_reads_a_model_configs_geometry():
+    from vmem.engine.model import ModelConfig
+    cfg = ModelConfig.preset("tiny")
+    spec = KVCacheSpec.for_model(cfg, max_batch=3, page_bytes=4096)
+    assert (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype) == \
+        (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.dtype)
+    assert spec.max_batch == 3 and spec.max_seq_len == cfg.max_position and spec.page_bytes == 4096
+    assert spec.token_bytes == cfg.kv_bytes_per_token
+    assert KVCacheSpec.for_model(cfg, max_seq_len=64, layout="HND").kv_layout == "HND"
+    with pytest.raises(VmemInvalidArgument, match="the config has no 'num_layers'"):
+        KVCacheSpec.for_model(object())
+
+
+@pytest.mark.parametrize("kind", ["vmem", "paged", "static"])
+@pytest.mark.parametrize("memory_bytes", [0, -1, 1.5, True, "1G"])
+def test_every_manager_refuses_a_bad_memory_bytes_the_same_way(kind, memory_bytes):
+    from vmem.allocator import make_cache
+    spec = KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=64, max_batch=2, max_seq_len=64, page_bytes=4096)
+    with pytest.raises(VmemInvalidArgument, match="memory_bytes must be a positive int"):
+        make_cache(kind, spec, memory_bytes=memory_bytes, backend="host")

@@ -35,6 +35,14 @@ from vmem.errors import VmemClosedError, VmemError, VmemInvalidArgument, VmemSlo
 _DEBUG = bool(os.environ.get("VMEM_DEBUG"))
 
 
+def check_memory_bytes(memory_bytes) -> int | None:
+    """The one check of a manager's ``memory_bytes``: None (no bound) or a positive int."""
+    if memory_bytes is not None and (isinstance(memory_bytes, bool) or not isinstance(memory_bytes, int)
+                                     or memory_bytes <= 0):
+        raise VmemInvalidArgument("memory_bytes must be a positive int, got %r" % (memory_bytes,))
+    return memory_bytes
+
+
 def synchronized(method):
     """Run ``method`` under its manager's lock (an RLock: public methods call each other)."""
     @functools.wraps(method)

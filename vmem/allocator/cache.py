@@ -50,7 +50,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from vmem.allocator.base import SlotCache, synchronized, transaction
+from vmem.allocator.base import SlotCache, check_memory_bytes, synchronized, transaction
 from vmem.allocator.elastic import BudgetPolicy, IdleClock, free_mask, open_lease
 from vmem.allocator.mapping import RECLAIM_MODES, PageMapper, check_reclaim_mode, synchronize_for_unmap
 from vmem.allocator.page_table import UNMAPPED
@@ -122,13 +122,12 @@ class VirtualKVCache(SlotCache):
             raise
 
     def _init_pool(self, spec, memory_bytes, backend, device, async_map: bool) -> None:
+        memory_bytes = check_memory_bytes(memory_bytes)
         if memory_bytes is None and self._lease is not None:
             pool_pages = min(self._lease.info().limit_bytes // spec.page_bytes, spec.num_virtual_pages)
         elif memory_bytes is None:
             pool_pages = spec.num_virtual_pages
         else:
-            if isinstance(memory_bytes, bool) or not isinstance(memory_bytes, int) or memory_bytes <= 0:
-                raise VmemInvalidArgument("memory_bytes must be a positive int, got %r" % (memory_bytes,))
             pool_pages = min(memory_bytes // spec.page_bytes, spec.num_virtual_pages)
         if pool_pages < spec.rows_per_slot:
             raise VmemInvalidArgument(

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from vmem.allocator.base import SlotCache, synchronized, transaction
+from vmem.allocator.base import SlotCache, check_memory_bytes, synchronized, transaction
 from vmem.allocator.spec import KVCacheSpec
 from vmem.allocator.stats import CacheStats
 from vmem.errors import VmemIntegrityError, VmemInvalidArgument, VmemOutOfMemory
@@ -57,11 +57,9 @@ class PagedKVCache(SlotCache):
         self.block_size = block_size
         self.block_bytes = block_size * spec.token_bytes
         self.max_blocks_per_seq = -(-spec.max_seq_len // block_size)
-        if memory_bytes is None:
+        if check_memory_bytes(memory_bytes) is None:
             num_blocks = spec.max_batch * self.max_blocks_per_seq
         else:
-            if isinstance(memory_bytes, bool) or not isinstance(memory_bytes, int) or memory_bytes <= 0:
-                raise VmemInvalidArgument("memory_bytes must be a positive int, got %r" % (memory_bytes,))
             num_blocks = memory_bytes // self.block_bytes
         if num_blocks < 1:
             raise VmemInvalidArgument("memory_bytes=%s holds no %d-byte block" % (memory_bytes, self.block_bytes))

@@ -59,6 +59,22 @@ class KVCacheSpec:
     layout: str = "NHD"
     layer_group_size: int = 1
 
+    @classmethod
+    def for_model(cls, config, *, max_batch: int = 8, max_seq_len: int | None = None, **overrides) -> "KVCacheSpec":
+        """The spec of a model's KV cache: num_layers, num_kv_heads, head_dim and dtype read from
+        ``config`` (any object with those attributes, e.g. vmem.engine.ModelConfig); max_seq_len defaults
+        to ``config.max_position``; ``overrides`` (page_bytes, layout, layer_group_size...) as in the
+        constructor. Keeps the allocator free of engine imports."""
+        for name in ("num_layers", "num_kv_heads", "head_dim", "dtype"):
+            if not hasattr(config, name):
+                raise VmemInvalidArgument("KVCacheSpec.for_model: the config has no %r" % name)
+        if max_seq_len is None:
+            max_seq_len = getattr(config, "max_position", None)
+        fields = dict(num_layers=config.num_layers, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+                      dtype=config.dtype, max_batch=max_batch, max_seq_len=max_seq_len)
+        fields.update(overrides)
+        return cls(**fields)
+
     def __post_init__(self):
         for name in ("num_layers", "num_kv_heads", "head_dim", "max_batch", "max_seq_len", "page_bytes",
                      "layer_group_size"):

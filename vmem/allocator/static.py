@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from vmem.allocator.base import SlotCache, synchronized, transaction
+from vmem.allocator.base import SlotCache, check_memory_bytes, synchronized, transaction
 from vmem.allocator.spec import KVCacheSpec
 from vmem.allocator.stats import CacheStats
 from vmem.errors import VmemIntegrityError, VmemInvalidArgument
@@ -28,9 +28,7 @@ class StaticKVCache(SlotCache):
     def __init__(self, spec: KVCacheSpec, *, memory_bytes: int | None = None, device=None, **_ignored):
         self.slot_bytes = spec.max_seq_len * spec.token_bytes
         num_slots = spec.max_batch
-        if memory_bytes is not None:
-            if isinstance(memory_bytes, bool) or not isinstance(memory_bytes, int) or memory_bytes <= 0:
-                raise VmemInvalidArgument("memory_bytes must be a positive int, got %r" % (memory_bytes,))
+        if check_memory_bytes(memory_bytes) is not None:
             num_slots = min(num_slots, memory_bytes // self.slot_bytes)
             if num_slots < 1:
                 raise VmemInvalidArgument("memory_bytes=%d holds no %d-byte max-length slot"

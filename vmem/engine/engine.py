@@ -382,11 +382,8 @@ def build_engine(model: Any = "tiny", cache_kind: str = "vmem", *, memory_bytes:
         raise VmemUnsupported(f"max_seq_len {max_seq_len} exceeds the checkpoint's sliding window of "
                               f"{cfg.sliding_window} tokens; the engine has no sliding-window attention, so it "
                               f"serves up to {cfg.sliding_window} tokens")
-    spec_kwargs = dict(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                       dtype=cfg.dtype, max_batch=max_batch, max_seq_len=max_seq_len)
-    if page_bytes is not None:
-        spec_kwargs["page_bytes"] = page_bytes
-    spec = KVCacheSpec(**spec_kwargs)
+    spec = KVCacheSpec.for_model(cfg, max_batch=max_batch, max_seq_len=max_seq_len,
+                                 **({} if page_bytes is None else {"page_bytes": page_bytes}))
     cache_kwargs = dict(memory_bytes=memory_bytes, backend=backend, device=device)
     if cache_kind == "vmem":
         cache_kwargs.update(reclaim=reclaim, async_map=async_map)
