@@ -180,15 +180,19 @@ def test_split_work_on_threads_equals_one_thread():
 
 
 def test_large_scores_stay_finite():
-    """Scores of several hundred: the online softmax rescales instead of overflowing."""
-    k = torch.randn(1, 300, 1, 32) * 30
-    v = torch.randn(1, 300, 1, 32)
-    q = torch.randn(1, 1, 4, 32) * 30
+    """Scores in the thousands: the online softmax rescales instead of overflowing."""
+    g = torch.Generator().manual_seed(11)     # was the global RNG: the draw depended on the tests before
+    k = torch.randn(1, 300, 1, 32, generator=g) * 30
+    v = torch.randn(1, 300, 1, 32, generator=g)
+    q = torch.randn(1, 1, 4, 32, generator=g) * 30
     out = torch.empty_like(q)
     for path in PATHS:
         assert cpu_decode.decode_attention(q, k, v, [300], [0], 1.0, out, path=path)
+        assert torch.isfinite(out).all()
+        # fp32 scores near |q||k| ~ 5e3 carry ~3e-4 of rounding into the exponent, whatever the order of
+        # summation, so the weights (and outputs) agree with the naive oracle to ~1e-3, not 1e-4.
         torch.testing.assert_close(out, naive_attention(q, k, v, causal=False, softmax_scale=1.0),
-                                   atol=1e-4, rtol=1e-4)
+                                   atol=2e-3, rtol=2e-3)
 
 
 def test_only_vector_paths_are_wired_into_the_reference():

@@ -192,3 +192,19 @@ def test_serve_without_the_server_extra_is_one_line_and_exit_2():
     h = subprocess.run([sys.executable, "-c", _WITHOUT_SERVER_EXTRA, "serve", "--help"],
                        capture_output=True, text=True, timeout=120)
     assert h.returncode == 0 and "--max-body-bytes" in h.stdout and "--api-key" in h.stdout, h.stderr
+
+
+def test_cli_choices_are_the_librarys():
+    # the CLI spells its choices out (no torch at start-up); they must not drift from the library's
+    import vmem.cli as cli
+    from vmem.allocator import CACHE_KINDS
+    from vmem.replay import ARRIVALS
+
+    assert cli.CACHE_KINDS == CACHE_KINDS and cli.ARRIVALS == ARRIVALS
+    from vmem.backends import get_backend
+    from vmem.errors import VmemUnsupported
+    for name in cli.BACKENDS:
+        try:
+            get_backend(name)
+        except VmemUnsupported:             # cuda without a device: refused, yet a name it knows
+            pass

@@ -38,13 +38,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, "%s: error: %s (see %s --help)\n" % (self.prog, message, self.prog))
 
 
+# Spelled here, not imported, so `vmem --help` starts without torch; tests/test_cli.py checks they equal
+# vmem.allocator.CACHE_KINDS, vmem.replay.ARRIVALS and the backends get_backend takes.
+CACHE_KINDS = ("vmem", "paged", "static")
+BACKENDS = ("auto", "host", "cuda")
+ARRIVALS = ("burst", "paced", "trace")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the whole `vmem` command (every subcommand's flags); ``args.func(args)`` runs it."""
     p = _Parser(prog="vmem", description=__doc__.splitlines()[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="command")
     info = sub.add_parser("info", help="backend, granularity, limits, what the machine supports")
-    info.add_argument("--backend", default="auto", choices=("auto", "host", "cuda"))
+    info.add_argument("--backend", default="auto", choices=BACKENDS)
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(func=cmd_info)
     _add_replay(sub)
@@ -113,12 +120,12 @@ def _add_replay(sub) -> None:
     r.add_argument("--synthetic", type=int, default=0, metavar="N",
                    help="instead of a trace, N seeded synthetic requests (Gamma arrivals, Zipf lengths)")
     r.add_argument("--compare", action="store_true", help="run vmem, paged and static on the same requests")
-    r.add_argument("--cache", default="vmem", choices=("vmem", "paged", "static"),
+    r.add_argument("--cache", default="vmem", choices=CACHE_KINDS,
                    help="cache kind without --compare (default vmem)")
     r.add_argument("--start", type=float, default=None, help="window start in trace seconds")
     r.add_argument("--duration", type=float, default=None, help="window length in trace seconds")
     r.add_argument("--max-requests", type=int, default=None, help="at most this many requests (default 320)")
-    r.add_argument("--arrivals", default=None, choices=("burst", "paced", "trace"),
+    r.add_argument("--arrivals", default=None, choices=ARRIVALS,
                    help="burst (default): every request waiting at t=0, each cache at saturation; paced: "
                         "--load x the static cache's measured capacity, or --rate; trace: the trace's timing "
                         "x --time-scale")
@@ -137,7 +144,7 @@ def _add_replay(sub) -> None:
     r.add_argument("--max-seq-len", type=int, default=None)
     r.add_argument("--memory-mib", type=float, default=None, help="physical KV budget for every cache")
     r.add_argument("--page-bytes", type=int, default=None, help="vmem page size")
-    r.add_argument("--backend", default=None, choices=("auto", "host", "cuda"))
+    r.add_argument("--backend", default=None, choices=BACKENDS)
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default 1)")
     r.add_argument("--goodput", nargs="+", metavar="METRIC:MS", default=None,
@@ -224,7 +231,7 @@ def _add_serve(sub) -> None:
                    help="a preset (tiny, small, medium; default tiny) or a local Hugging Face checkpoint directory")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and KV cache dtype (auto: the checkpoint's; float32 for presets)")
-    p.add_argument("--cache", default="vmem", choices=["vmem", "paged", "static"])
+    p.add_argument("--cache", default="vmem", choices=CACHE_KINDS)
     p.add_argument("--memory", type=parse_bytes, default=None,
                    help="physical KV memory, e.g. 256M or 2G (default: every slot at full length)")
     p.add_argument("--kv-budget", default=None, metavar="NAME",
@@ -234,7 +241,7 @@ def _add_serve(sub) -> None:
                    help="with --kv-budget: memory guaranteed to this server (must be free at start)")
     p.add_argument("--max-batch", type=_int_in(1), default=16)
     p.add_argument("--max-seq-len", type=_int_in(1), default=None)
-    p.add_argument("--backend", default="auto", choices=["auto", "host", "cuda"])
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--host", default="127.0.0.1",
                    help="bind address (default: loopback only; elsewhere, set --api-key)")
     p.add_argument("--port", type=_int_in(1, 65535), default=8000)
@@ -295,7 +302,7 @@ def _add_stress(sub) -> None:
     p.add_argument("--layout", default="NHD", choices=["NHD", "HND", "GROUPED"])
     p.add_argument("--group", type=int, default=1, help="layers per group (GROUPED layout)")
     p.add_argument("--memory-mb", type=_float_in(0, lo_open=True), default=128, help="physical KV budget")
-    p.add_argument("--backend", default="auto", choices=["auto", "host", "cuda"])
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--reclaim", default="deferred", choices=["deferred", "eager"])
     p.add_argument("--async", dest="async_map", action="store_true", help="prefetch steps on the native worker")
     p.add_argument("--fault-rate", type=_float_in(0, 1), default=0.02,
