@@ -11,7 +11,8 @@ import threading
 
 from vmem._native import as_pages, ffi, lib
 from vmem.backends import _fork
-from vmem.backends.base import _i64, refuse_copy
+from vmem.backends._handle import refuse_copy
+from vmem.backends.base import _i64
 from vmem.errors import INVALID, VmemClosedError, VmemInvalidArgument, check, check_err
 
 

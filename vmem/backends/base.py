@@ -13,6 +13,7 @@ import numpy as np
 
 from vmem._native import as_pages, ffi, lib
 from vmem.backends import _fork
+from vmem.backends._handle import NativeHandle, refuse_copy
 from vmem.errors import (INVALID, VmemClosedError, VmemInvalidArgument, check, check_err)
 
 _FAULT_CODES = {"oom": 1, "map_limit": 2, "invalid": 3, "driver": 4}
@@ -51,13 +52,6 @@ def _int_arg(value, name: str, op: str, lo: int = 0, hi: int = _INT64_MAX) -> in
     if not lo <= value <= hi:
         raise VmemInvalidArgument("%s: %s=%d is out of range [%d, %d]" % (op, name, value, lo, hi), op=op)
     return value
-
-
-def refuse_copy(obj, protocol=None):
-    """``__reduce_ex__`` of objects that own a native handle: a copy (copy.copy, deepcopy, pickle) would
-    share the handle, and the second close / finalizer would free it again (use after free, double free)."""
-    raise VmemInvalidArgument("%s cannot be copied or pickled: it owns a native handle; create another one"
-                              % type(obj).__name__, op="copy")
 
 
 class Backend:
@@ -154,7 +148,7 @@ class Backend:
         return "Backend(%r, granularity_bytes=%d)" % (self.name, self.granularity_bytes)
 
 
-class PagePool:
+class PagePool(NativeHandle):
     """Physical pages ``[0, num_pages)`` of ``page_bytes`` each.
 
     Host: a memfd; a page gets memory when first mapped (``MAP_POPULATE``) and gives it back on
@@ -164,7 +158,7 @@ class PagePool:
     Copy and pickle are refused (VmemInvalidArgument): the copy would share the native pool.
     """
 
-    __reduce_ex__ = refuse_copy
+    _what = "pool"
 
     def __init__(self, backend: Backend, page_bytes: int, num_pages: int, max_pages: Optional[int], lease=None):
         backend.check_page_bytes(page_bytes)
@@ -191,17 +185,6 @@ class PagePool:
         _fork.track_pool(self, self.info()["fd"])
 
     # -- state
-    def _handle(self, op: str):
-        if not _fork.current(self._gen):
-            _fork.refuse(self, op)
-        if self._h is None:
-            raise VmemClosedError("%s: pool is closed" % op, op=op)
-        return self._h
-
-    @property
-    def closed(self) -> bool:
-        return self._h is None
-
     def info(self) -> dict:
         """Counters: num_pages, backed_pages, mapped_pages, mappings, resident_bytes, hugetlb; fd (host memfd);
         charged_pages (elastic pools: pages charged to the lease; -1 otherwise)."""
@@ -254,12 +237,6 @@ class PagePool:
                 _fork.untrack(self)
             ffi.release(h)          # the guarded destructor does nothing in a forked child
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def __repr__(self) -> str:
         if self._h is None:
             return "PagePool(closed)"
@@ -268,7 +245,7 @@ class PagePool:
             self.backend.name, self.page_bytes, i["num_pages"], i["mapped_pages"])
 
 
-class Reservation:
+class Reservation(NativeHandle):
     """A contiguous virtual range ``[address, address + num_bytes)`` of ``num_pages`` pages.
 
     Host: unmapped pages read as zeros and fault on write. ``map``/``unmap`` are one native call each,
@@ -277,7 +254,7 @@ class Reservation:
     (VmemInvalidArgument): the copy would share the native reservation.
     """
 
-    __reduce_ex__ = refuse_copy
+    _what = "reservation"
 
     def __init__(self, backend: Backend, num_bytes: int, page_bytes: int):
         backend.check_page_bytes(page_bytes)
@@ -301,15 +278,7 @@ class Reservation:
         _fork.track_reservation(self)
 
     # -- state
-    def _handle(self, op: str):
-        if not _fork.current(self._gen):
-            _fork.refuse(self, op)
-        if self._closing or self._h is None:
-            raise VmemClosedError("%s: reservation is closed" % op, op=op)
-        return self._h
-
-    @property
-    def closed(self) -> bool:
+    def _is_closed(self) -> bool:
         return self._closing or self._h is None
 
     def stats(self) -> dict:
@@ -428,12 +397,6 @@ class Reservation:
             release = self._live_views == 0
         if release:
             self._release()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "mapped_pages=%d" % self.mapped_pages

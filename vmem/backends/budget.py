@@ -16,7 +16,9 @@ import os
 from typing import NamedTuple, Optional
 
 from vmem._native import ffi, lib
-from vmem.errors import VmemClosedError, VmemInvalidArgument, check, check_err
+from vmem.backends import _fork
+from vmem.backends._handle import NativeHandle
+from vmem.errors import VmemInvalidArgument, check, check_err
 
 _INT64_MAX = 2**63 - 1
 DEFAULT_DIR = "/dev/shm"
@@ -83,12 +85,14 @@ def _bytes_arg(value, name: str, op: str, lo: int = 0) -> int:
     return value
 
 
-class Budget:
+class Budget(NativeHandle):
     """One shared KV memory budget. ``limit_bytes`` creates the segment when absent (else it must exist).
 
     Raises VmemInvalidArgument for a file that is not a budget of this version (corrupt, foreign), or a
     missing one without ``limit_bytes``.
     """
+
+    _what = "budget"
 
     def __init__(self, path_or_name: str, limit_bytes: Optional[int] = None):
         self.path = budget_path(path_or_name)
@@ -102,16 +106,8 @@ class Budget:
                                    else "not a vmem budget segment of this version (corrupt or foreign file; "
                                         "remove it if no tenant uses it)"), op="budget", path=self.path)
         check_err(rc, "budget", err, path=self.path)
-        self._h = ffi.gc(out[0], lib.vmem_budget_close)
-
-    def _handle(self, op: str):
-        if self._h is None:
-            raise VmemClosedError("%s: budget is closed" % op, op=op)
-        return self._h
-
-    @property
-    def closed(self) -> bool:
-        return self._h is None
+        self._gen = _fork.generation()
+        self._h = ffi.gc(out[0], _fork.guarded(lib.vmem_budget_close, self._gen))
 
     def info(self) -> BudgetInfo:
         out = ffi.new("vmem_budget_info_t *")
@@ -161,12 +157,6 @@ class Budget:
         except FileNotFoundError:
             pass
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def __repr__(self) -> str:
         if self._h is None:
             return "Budget(%r, closed)" % self.path
@@ -175,12 +165,14 @@ class Budget:
             self.path, i.limit_bytes, i.held_bytes, i.num_tenants)
 
 
-class Lease:
+class Lease(NativeHandle):
     """One tenant's share of a Budget: bytes held, optional guaranteed minimum and maximum.
 
-    Used by the process that opened it (after fork the child's takes raise VmemInvalidArgument).
+    Used by the process that opened it: a forked child's use raises VmemForkedError.
     Pools created with it (``Backend.create_pool(..., lease=...)``) keep its record alive until they go.
     """
+
+    _what = "lease"
 
     def __init__(self, budget: Budget, name: str, min_bytes: int, max_bytes: Optional[int]):
         min_b = _bytes_arg(min_bytes, "min_bytes", "lease")
@@ -192,18 +184,10 @@ class Lease:
         rc = lib.vmem_lease_open(budget._handle("lease"), str(name).encode()[:31], min_b, max_b, out, err)
         check_err(rc, "lease", err, path=budget.path, min_bytes=min_b,
                   needed_pages=int(err.needed) if rc else None, free_pages=int(err.available) if rc else None)
-        self._h = ffi.gc(out[0], lib.vmem_lease_close)
+        self._gen = _fork.generation()
+        self._h = ffi.gc(out[0], _fork.guarded(lib.vmem_lease_close, self._gen))
         self.budget = budget
         self.name = str(name)
-
-    def _handle(self, op: str):
-        if self._h is None:
-            raise VmemClosedError("%s: lease is closed" % op, op=op)
-        return self._h
-
-    @property
-    def closed(self) -> bool:
-        return self._h is None
 
     def take(self, num_bytes: int) -> None:
         """Charge ``num_bytes``, all or nothing: VmemOutOfMemory (the shortfall becomes waiting demand)."""
@@ -250,12 +234,6 @@ class Lease:
         if self._h is not None:
             h, self._h = self._h, None
             ffi.release(h)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __repr__(self) -> str:
         if self._h is None:
