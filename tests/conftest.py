@@ -1,13 +1,15 @@
 """Shared fixtures, helpers and Hypothesis profiles.
 
-Helpers (import them: ``from conftest import greedy_reference, vmas_in``): the greedy oracle (a full
-recompute without any cache) and the kernel's count of VMAs over a reservation.
+Helpers (import them: ``from conftest import greedy_reference, vmas_in, wait_for_server``): the greedy
+oracle (a full recompute without any cache), the kernel's count of VMAs over a reservation, and the wait
+for a `vmem serve` subprocess to come up.
 
 Profiles: ``ci`` (loaded by default: derandomized, no deadline, so a red run reproduces) and ``soak``
 (many more examples, ``SOAK_EXAMPLES`` per test, random seeds). Pick one with ``HYPOTHESIS_PROFILE=soak``;
 ``make soak`` runs it in rounds for ``SOAK_SECONDS`` (.ci/soak).
 """
 import os
+import time
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -88,6 +90,22 @@ def vmas_in(resv) -> int:
             if a < hi and b > lo:
                 n += 1
     return n
+
+
+def wait_for_server(proc, url: str, timeout_s: float = 60.0) -> None:
+    """Poll ``url``/health until a ``vmem serve`` subprocess answers 200; fail with its output if it died."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "vmem serve did not come up"
+        time.sleep(0.1)
 
 
 def _cuda_ok():

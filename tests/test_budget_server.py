@@ -13,6 +13,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
 from test_server import _free_port, parse_prometheus  # noqa: E402
+from conftest import wait_for_server  # noqa: E402
 
 MEMORY = 16 << 20
 
@@ -26,16 +27,7 @@ def _serve(budget: str, port: int, *extra: str):
 
 
 def _wait_up(proc, url: str) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "vmem serve did not come up"
-        time.sleep(0.1)
+    wait_for_server(proc, url)
 
 
 def _gauge(url: str, name: str) -> float:

@@ -25,6 +25,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from vmem.engine.engine import Request, SamplingParams, build_engine  # noqa: E402
 from vmem.server.app import ServerLimits, build_server, create_app  # noqa: E402
+from conftest import wait_for_server  # noqa: E402
 
 MODEL = "tiny"
 MAX_SEQ_LEN = 256
@@ -594,16 +595,7 @@ def test_main_serves_and_shuts_down_gracefully():
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         url = "http://127.0.0.1:%d" % port
-        deadline = time.monotonic() + 40
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "vmem serve did not come up"
-            time.sleep(0.1)
+        wait_for_server(proc, url, timeout_s=40)
         r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3}, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
         # SIGINT while a stream runs: the stream still ends properly, then the process exits 0

@@ -23,6 +23,7 @@ from test_server import ENGINE_KW, MODEL, LiveServer, parse_prometheus  # noqa: 
 from vmem.engine.engine import build_engine  # noqa: E402
 from vmem.errors import VmemInvalidArgument  # noqa: E402
 from vmem.server.app import ServerLimits  # noqa: E402
+from conftest import wait_for_server  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -241,16 +242,7 @@ def test_shutdown_under_load_ends_every_request_with_503_shutting_down(sig):
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = "http://127.0.0.1:%d" % port
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "vmem serve did not come up"
-            time.sleep(0.1)
+        wait_for_server(proc, url)
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         kw = dict(model=MODEL, prompt="a long answer", max_tokens=4000, extra_body={"ignore_eos": True})
         # client disconnects on the way: each is aborted, none is logged as a warning
