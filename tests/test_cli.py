@@ -50,7 +50,7 @@ def test_replay_rejects_an_empty_window(capsys, tmp_path):
 def test_replay_compare_smoke(tmp_path):
     """A few seconds of the bundled trace through vmem, paged and static on the same budget."""
     out_json, out_png = tmp_path / "replay.json", tmp_path / "replay.png"
-    cmd = [sys.executable, "-m", "vmem", "replay", "--compare", "--max-requests", "12", "--rate", "50",
+    cmd = [sys.executable, "-m", "vmem", "replay", "--compare", "--model", "tiny", "--max-requests", "12", "--rate", "50",
            "--max-batch", "16", "--max-seq-len", "256", "--max-prompt-tokens", "128", "--max-output-tokens", "24",
            "--goodput", "ttft:60000", "--json", str(out_json), "--png", str(out_png), "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
@@ -87,7 +87,7 @@ def test_serve_and_stress_are_wired(command, capsys):
 
 def test_replay_paces_arrivals_at_a_multiple_of_measured_static_capacity():
     from vmem.replay import ReplayConfig, replay
-    cfg = ReplayConfig(max_requests=16, max_batch=8, max_seq_len=256, max_prompt_tokens=96, max_output_tokens=16,
+    cfg = ReplayConfig(model="tiny", max_requests=16, max_batch=8, max_seq_len=256, max_prompt_tokens=96, max_output_tokens=16,
                        arrivals="paced", load=1.5)
     result = replay(cfg, kinds=("vmem",), progress=False)
     cal = result["calibration"]
@@ -100,7 +100,7 @@ def test_replay_default_is_a_saturating_burst_where_vmem_fits_more_than_static()
     # The demo's default: every request waits at t=0, so each cache runs at saturation and the table
     # shows what the shared budget holds at once (static: max_batch // 8 full-length slots).
     from vmem.replay import ReplayConfig, replay
-    cfg = ReplayConfig(max_requests=24, max_batch=16, max_seq_len=256, max_prompt_tokens=96, max_output_tokens=16)
+    cfg = ReplayConfig(model="tiny", max_requests=24, max_batch=16, max_seq_len=256, max_prompt_tokens=96, max_output_tokens=16)
     assert cfg.arrivals == "burst"
     assert all(r.arrival_s == 0.0 for r in cfg.requests())
     result = replay(cfg, kinds=("vmem", "static"), progress=False)
@@ -122,7 +122,7 @@ def test_replay_without_matplotlib_still_reports(tmp_path):
             "sys.meta_path.insert(0, Block())\n"
             "from vmem.cli import main\n"
             "sys.exit(main(sys.argv[1:]))\n")
-    cmd = [sys.executable, "-c", code, "replay", "--cache", "vmem", "--max-requests", "4", "--max-batch", "8",
+    cmd = [sys.executable, "-c", code, "replay", "--cache", "vmem", "--model", "tiny", "--max-requests", "4", "--max-batch", "8",
            "--max-seq-len", "128", "--max-prompt-tokens", "32", "--max-output-tokens", "4",
            "--json", str(tmp_path / "r.json"), "--png", str(tmp_path / "r.png"), "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)

@@ -139,7 +139,7 @@ def _add_replay(sub) -> None:
     r.add_argument("--output-scale", type=float, default=None, help="multiply output lengths")
     r.add_argument("--max-prompt-tokens", type=int, default=None)
     r.add_argument("--max-output-tokens", type=int, default=None)
-    r.add_argument("--model", default=None, help="model preset (tiny, small)")
+    r.add_argument("--model", default=None, help="model preset (tiny, small, medium; default small)")
     r.add_argument("--max-batch", type=int, default=None, help="request slots per cache")
     r.add_argument("--max-seq-len", type=int, default=None)
     r.add_argument("--memory-mib", type=float, default=None, help="physical KV budget for every cache")

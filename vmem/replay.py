@@ -51,7 +51,7 @@ class ReplayConfig:
     output_scale: float | None = 0.25
     max_prompt_tokens: int = 384
     max_output_tokens: int = 128
-    model: str = "tiny"
+    model: str = "small"                   # weights large enough that batching pays, as it does on real models
     max_batch: int = 32
     max_seq_len: int = 512
     memory_bytes: int | None = None        # None: room for max_batch // 8 full-length sequences
