@@ -29,7 +29,6 @@ import csv
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from collections import deque
@@ -40,6 +39,9 @@ import torch
 
 from vmem.allocator import KVCacheSpec, make_cache
 from vmem.errors import VmemOutOfMemory
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import interleaved_medians  # noqa: E402
 
 _ROOT = Path(__file__).resolve().parents[1]
 TRACE = next((p for p in (_ROOT.parent / "shared" / "traces" / "azure_llm_inference_2023",
@@ -154,20 +156,6 @@ def decode_setup(kind: str, layout: str, dtype, batch: int, ctx: int, heads=(32,
     seqlens = torch.full((batch,), ctx - 1, dtype=torch.int32)
     idx = torch.tensor(slots, dtype=torch.int32)
     return cache, lambda: cache.attention(0, q, k, v, seqlens, idx)
-
-
-def interleaved_medians(fns: dict, repeats: int, warmup: int = 2) -> dict:
-    """Median seconds of each fn, timed round-robin so drifting machine load hits all of them alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 DECODE_VARIANTS = [("vmem", "HND"), ("vmem", "NHD"), ("paged", "NHD"), ("static", "HND")]

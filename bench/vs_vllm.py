@@ -34,12 +34,14 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import interleaved_medians  # noqa: E402
 
 TARGETS = {"speedup_vs_vllm_batch_ge_8": 1.5, "vs_floor_b32_4k": 1.8}
 TOL = {"bfloat16": (1.6e-2, 1.6e-2), "float32": (1e-5, 1e-4)}
@@ -59,20 +61,6 @@ def cpu_info() -> dict:
     return {"avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags,
             "amx_bf16": "amx_bf16" in flags and "amx_tile" in flags,
             "torch_amx_tile": bool(torch.cpu._is_amx_tile_supported())}
-
-
-def interleaved_medians(fns: dict, repeats: int, warmup: int) -> dict:
-    """Median seconds of each fn, timed round-robin so drifting machine load hits all of them alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def oracle(q, k_nhd, v_nhd, b, ctx, scale):

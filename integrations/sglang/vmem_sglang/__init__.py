@@ -94,8 +94,9 @@ def _around_build_allocator(original, self, *args, **kwargs):
     return allocator
 
 
-def around_alloc_extend(original, *args, **kwargs):
-    """SGLang's extend allocation passes the request rows only to special allocators; hand them to ours."""
+def _with_request_rows(original, *args, **kwargs):
+    """SGLang's extend and decode allocations pass the request rows only to special allocators; hand them
+    to ours (decode: so each new token goes to its request's own slot)."""
     tree_cache = kwargs.get("tree_cache", args[0] if args else None)
     allocator = getattr(tree_cache, "token_to_kv_pool_allocator", None)
     if allocator is None or not hasattr(allocator, "pending_rows"):
@@ -107,17 +108,7 @@ def around_alloc_extend(original, *args, **kwargs):
         allocator.pending_rows = None
 
 
-def around_alloc_decode(original, *args, **kwargs):
-    """Decode allocation: the request rows, so each new token goes to its request's own slot."""
-    tree_cache = kwargs.get("tree_cache", args[0] if args else None)
-    allocator = getattr(tree_cache, "token_to_kv_pool_allocator", None)
-    if allocator is None or not hasattr(allocator, "pending_rows"):
-        return original(*args, **kwargs)
-    allocator.pending_rows = kwargs.get("req_pool_indices")
-    try:
-        return original(*args, **kwargs)
-    finally:
-        allocator.pending_rows = None
+around_alloc_extend = around_alloc_decode = _with_request_rows
 
 
 def around_free_rows(original, self, indices, *args, **kwargs):
