@@ -24,10 +24,12 @@ Placement: a page that already holds memory costs the budget nothing, so growth 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+from vmem.allocator.base import synchronized, transaction
 from vmem.errors import VmemInvalidArgument
 
 
@@ -105,3 +107,76 @@ class IdleClock:
 
     def idle_for(self) -> float:
         return 0.0 if self.idle_since is None else time.monotonic() - self.idle_since
+
+
+class ElasticPages:
+    """VirtualKVCache's side of the budget (mixed into it): applying the BudgetPolicy, giving pages back,
+    telling the scheduler whether to wait. Reads and writes the cache's state under its lock."""
+
+    @property
+    def lease(self):
+        """The budget Lease pages are charged to, or None."""
+        return self._lease
+
+
+    @transaction
+    def maintain(self, *, force: bool = False) -> int:
+        """Apply the BudgetPolicy (elastic.py): publish what could be given back, give reclaimable pages
+        back to waiting tenants and after the idle period, trim free pages still holding memory.
+        Returns the pages released. No-op without a budget; the queries run at most every
+        ``maintain_interval_s`` unless ``force``. May unmap (not inside a CUDA graph)."""
+        if self._lease is None or self._closed:
+            return 0
+        now = time.monotonic()
+        if not force and now - self._last_maintain < self.budget_policy.maintain_interval_s:
+            return 0
+        self._last_maintain = now
+        self._settle()
+        policy, page_bytes = self.budget_policy, self.spec.page_bytes
+        released = 0
+        if policy.idle_release_s is not None and not self._live.any() and self._idle.idle_for() >= policy.idle_release_s:
+            released += self.reclaim_idle()
+        elif policy.yield_to_waiters:
+            waiting = self._lease.info().others_waiting_bytes
+            if waiting > 0:
+                released += self._release_pages(-(-waiting // page_bytes))
+        self._pages.trim_unreferenced()
+        self._lease.set_reclaimable(self._reclaimable() * page_bytes)   # prefix-index columns too
+        return released
+
+
+    def _release_pages(self, num_pages: int) -> int:
+        """Unmap and trim about ``num_pages`` reclaimable pages: slots' columns first (whole columns,
+        policy order), then unlocked prefix-index columns (least recently used leaf first)."""
+        free = self._table.num_free
+        protected = self._cols.protected()
+        protected[~self._live] = 0             # idle slots' cached columns too: the index keeps its reference
+        if self._cols.reclaimable_pages(protected):
+            reclaim = self._shrink(self._cols.plan_reclaim(num_pages, protected), trim=True)
+            self._counters["reclaimed_pages"] += reclaim.num_pages
+        short = num_pages - (self._table.num_free - free)
+        if short > 0 and self._index.num_evictable:
+            self._pages.trim(self._evict(self._index.plan_eviction(-(-short // self.spec.rows_per_slot))))
+        return self._table.num_free - free
+
+
+    @synchronized
+    def budget_short(self, needs: Mapping[int, int]) -> bool:
+        """True when step(needs) fails only because the shared budget is short (the pool could hold it):
+        the caller should wait, not preempt or fail. Records the shortfall as this tenant's demand, so
+        the others give reclaimable pages back (their maintain())."""
+        if self._lease is None:
+            return False
+        slots, tokens = self._parse_needs(needs)
+        needed = self._fresh_pages(slots, tokens)
+        reclaimable = self._reclaimable(self._cols.protected(slots, tokens))
+        available = self._free_pages() + reclaimable
+        if needed <= available or needed > self._table.num_free + reclaimable:
+            return False                   # it fits, or the pool itself is too small
+        self._lease.set_demand((needed - available) * self.spec.page_bytes)
+        return True
+
+
+    def budget_reclaimable_elsewhere(self) -> int:
+        """Bytes the budget's other tenants say they could give back (0 without a budget)."""
+        return 0 if self._lease is None else self._lease.info().others_reclaimable_bytes
