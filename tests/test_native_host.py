@@ -241,9 +241,6 @@ def test_contiguous_runs_merge_into_one_vma(host_backend):
 
 def test_map_limit_is_a_clear_error_not_a_crash(host_backend):
     """Scattered 4 KiB pages until the budget from vm.max_map_count runs out."""
-    # Reservations of earlier tests that only the garbage collector still holds would be released
-    # mid-test (the big arrays below trigger a collection) and move the process-wide count under us.
-    gc.collect()
     info = host_backend.info()
     left = info["map_budget"] - info["mappings_used"]
     n = left // 2 + 64  # each scattered page costs 2 mappings
@@ -284,9 +281,6 @@ def test_budget_counts_unmap_in_the_middle(host_backend):
 
 
 def test_close_with_live_view_defers_release(host_backend):
-    import gc
-
-    gc.collect()  # reservations of earlier tests held by tracebacks
     used = host_backend.info()["mappings_used"]
     r = host_backend.reserve(4 * PB, PB)
     p = host_backend.create_pool(PB, 2)
