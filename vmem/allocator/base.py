@@ -84,6 +84,9 @@ class KVCacheManager(Protocol):
     def num_cached_tokens(self, slot: int) -> int: ...
     def cache_prefix(self, slot: int, token_ids: Sequence[int]) -> int: ...
     def match_prefix(self, token_ids: Sequence[int]) -> int: ...
+    def maintain(self, *, force: bool = False) -> int: ...
+    def budget_short(self, needs: Mapping[int, int]) -> bool: ...
+    def budget_reclaimable_elsewhere(self) -> int: ...
     def free_slot(self, slot: int) -> None: ...
     @property
     def num_free_slots(self) -> int: ...
@@ -240,6 +243,17 @@ class SlotCache:
         return int(self._cached_tokens[slot])
 
     def _attach_prefix(self, slot: int, token_ids: list[int]) -> int:
+        return 0
+
+    # A cache without a shared budget (every baseline; a VirtualKVCache without budget= answers the same
+    # through ElasticPages): nothing to give back, never short of a budget.
+    def maintain(self, *, force: bool = False) -> int:
+        return 0
+
+    def budget_short(self, needs: Mapping[int, int]) -> bool:
+        return False
+
+    def budget_reclaimable_elsewhere(self) -> int:
         return 0
 
     def _choose_slot(self, free: np.ndarray, num_tokens: int | None) -> int:

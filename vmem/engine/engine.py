@@ -173,9 +173,7 @@ class Engine:
     def maintain(self) -> None:
         """Let an elastic cache give budget pages back (allocator/elastic.py); the server loop calls this
         while idle, step() on every step. No-op for other caches."""
-        maintain = getattr(self.cache, "maintain", None)
-        if maintain is not None:
-            maintain()
+        self.cache.maintain()
 
     def step(self) -> list[RequestOutput]:
         outputs, self._pending_outputs = self._pending_outputs, []

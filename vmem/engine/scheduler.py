@@ -168,8 +168,7 @@ class Scheduler:
             n = min(seq.num_pending_tokens, self.prefill_chunk_tokens, budget)
             need = self._reservation(batch, slot, seq)
             if not self.cache.can_allocate(need):
-                short = getattr(self.cache, "budget_short", None)
-                budget_short = short is not None and short(need)   # other tenants hold the memory
+                budget_short = self.cache.budget_short(need)   # other tenants hold the memory
                 self.cache.free_slot(slot)
                 seq.num_cached_tokens = 0
                 if self.running or budget_short:
@@ -209,8 +208,7 @@ class Scheduler:
 
     def _wait_for_budget(self, needs: dict[int, int]) -> bool:
         """Budget short while other tenants hold reclaimable pages: wait (bounded by budget_wait_s)."""
-        short = getattr(self.cache, "budget_short", None)
-        if short is None or not short(needs) or not self.cache.budget_reclaimable_elsewhere():
+        if not self.cache.budget_short(needs) or not self.cache.budget_reclaimable_elsewhere():
             return False
         now = time.monotonic()
         if self._budget_wait_since is None:
